@@ -1,0 +1,41 @@
+"""`python -m app`: run the service with uvicorn, one worker per core.
+
+With no REDIS_URL, the embedded redis-server is started here, once, and shared by the workers.
+"""
+
+import logging
+import os
+import sys
+
+import uvicorn
+
+from app.embedded import EmbeddedRedis, EmbeddedRedisError
+from app.settings import Settings
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    settings = Settings()
+    embedded = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        try:
+            os.environ["REDIS_URL"] = embedded.start()
+        except EmbeddedRedisError as error:
+            sys.exit(f"error: {error}")
+    try:
+        uvicorn.run(
+            "app.main:app",
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level="info",
+            access_log=False,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Errors, and the one place they become HTTP responses.
+
+ServiceError                 a failure the client is told about, as problem+json
+├── StreamNotFound           404
+├── PayloadTooLarge          413
+├── InvalidInput             422 (also every request validation error)
+└── StoreUnavailable         503 with Retry-After: Redis is down, slow or failing over
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from app.models import Problem
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ServiceError(Exception):
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def __init__(self, detail: str, *, errors: Sequence[Mapping[str, Any]] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class StreamNotFound(ServiceError):
+    status = HTTPStatus.NOT_FOUND
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"stream {name!r} does not exist")
+
+
+class PayloadTooLarge(ServiceError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds {limit} bytes")
+
+
+class InvalidInput(ServiceError):
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+    @classmethod
+    def from_validation(cls, errors: Sequence[Mapping[str, Any]]) -> "InvalidInput":
+        # The offending input is left out: it may be huge, and it is the client's own.
+        listed = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors[:20]]
+        first = listed[0] if listed else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(part) for part in first["loc"])
+        detail = f"{where}: {first['msg']}" if where else str(first["msg"])
+        if len(errors) > 1:
+            detail += f" (and {len(errors) - 1} more)"
+        return cls(detail, errors=listed)
+
+
+class StoreUnavailable(ServiceError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    instance: str | None = None,
+    errors: Sequence[Mapping[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance
+    if errors:
+        body["errors"] = errors
+    return Response(json.dumps(body), status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def service_problem(error: ServiceError, path: str | None) -> Response:
+    return problem(
+        error.status, error.detail, instance=path, errors=error.errors, headers=error.headers()
+    )
+
+
+async def _service_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, ServiceError)
+    return service_problem(error, request.url.path)
+
+
+async def _request_invalid(request: Request, error: Exception) -> Response:
+    assert isinstance(error, RequestValidationError | ValidationError)
+    return service_problem(InvalidInput.from_validation(error.errors()), request.url.path)
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    return problem(
+        error.status_code, str(error.detail), instance=request.url.path, headers=error.headers
+    )
+
+
+async def _unexpected(request: Request, error: Exception) -> Response:
+    return problem(500, "internal error; it has been logged", instance=request.url.path)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route that can fail with these statuses (and 503, always)."""
+    return {
+        status: {"model": Problem, "content": {PROBLEM_JSON: {}}} for status in (*statuses, 503)
+    }
+
+
+def install(app: FastAPI) -> None:
+    """Render every error the app can raise as application/problem+json."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _request_invalid)
+    app.add_exception_handler(ValidationError, _request_invalid)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,103 @@
+"""The application factory. `app.main:app` is the ASGI app that uvicorn serves."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app import __version__, errors
+from app.asgi import BodyLimit, JsonByDefault, PushFastPath
+from app.embedded import EmbeddedRedis
+from app.keys import KeyLayout
+from app.models import StreamConfig
+from app.routes import health, streams
+from app.settings import Settings
+from app.store import StreamStore
+
+log = logging.getLogger("app")
+
+DESCRIPTION = """
+Named exponential moving averages, kept in Redis and updated atomically by one Lua script, with
+the semantics of TensorFlow's `tf.train.ExponentialMovingAverage`:
+`shadow -= (1 - decay) * (shadow - value)`, with `decay = min(decay, (1 + num_updates) /
+(10 + num_updates))` when a push carries `num_updates`. Every number is float64, bit for bit.
+
+Errors are `application/problem+json` (RFC 9457).
+"""
+
+
+def redis_client(url: str, settings: Settings) -> "Redis":
+    # No automatic retries: a command that timed out may already have run, and re-sending a
+    # push would apply it twice. The client gets a 503 instead and decides.
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=settings.redis_max_connections,
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        url = await anyio.to_thread.run_sync(embedded.start)
+    client = redis_client(url, settings)
+    defaults = StreamConfig(
+        decay=settings.default_decay,
+        initial=settings.default_initial,
+        auto_num_updates=settings.default_auto_num_updates,
+    )
+    app.state.store = StreamStore(
+        client,
+        KeyLayout(settings.key_prefix),
+        defaults=defaults if settings.auto_create else None,
+        max_batch=settings.max_batch,
+        retry_after=settings.retry_after,
+    )
+    try:
+        yield
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            await anyio.to_thread.run_sync(embedded.stop)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service. Redis is connected in the lifespan, not here."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="EMA service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(streams.router)
+    app.include_router(health.router)
+    # Added innermost first: the body limit sees every request before anything reads a body.
+    app.add_middleware(JsonByDefault)
+    if settings.fast_path:
+        app.add_middleware(PushFastPath)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn app.main:app` resolves this attribute: building the app on first access keeps
+    # importing this module free of side effects such as reading the environment.
+    if name == "app":
+        application = globals()["app"] = create_app()
+        return application
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

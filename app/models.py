@@ -1,0 +1,180 @@
+"""Request and response bodies: the API's contract, and its OpenAPI documentation."""
+
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
+
+from app.keys import NAME_RULE
+from app.scripts import Fields
+
+# 1e15 keeps (1 + n) / (10 + n) exact in float64 with plenty to spare.
+MAX_NUM_UPDATES = 10**15
+
+
+class Model(BaseModel):
+    """Base for request bodies: unknown fields, NaN, infinities and quoted numbers are errors."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+Decay = Annotated[
+    float,
+    Field(ge=0, le=1, description="Decay in [0, 1]: the weight the shadow keeps per update."),
+]
+NumUpdates = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=MAX_NUM_UPDATES,
+        description="TensorFlow's num_updates (the training step): the decay used is "
+        "min(decay, (1 + num_updates) / (10 + num_updates)).",
+        examples=[10000],
+    ),
+]
+
+
+class StreamConfig(Model):
+    """A stream's configuration, as set by PUT."""
+
+    decay: Decay = Field(examples=[0.99])
+    initial: float | None = Field(
+        default=None,
+        description="The shadow's starting value. Null: the first value pushed becomes the shadow.",
+        examples=[0.0],
+    )
+    auto_num_updates: bool = Field(
+        default=False,
+        description="Use the stream's own update count as num_updates when a push carries none.",
+    )
+
+
+class Sample(Model):
+    """One value to apply, optionally with TensorFlow's num_updates."""
+
+    value: float = Field(description="A finite number.", examples=[5.0])
+    num_updates: NumUpdates | None = None
+
+
+def _number_or_object(item: Any) -> str:
+    return "object" if isinstance(item, dict) else "number"
+
+
+BatchItem = Annotated[
+    Annotated[float, Tag("number")] | Annotated[Sample, Tag("object")],
+    Discriminator(_number_or_object),
+]
+
+
+class Push(Model):
+    """A push: one `value` (with its optional `num_updates`), or a list of `values` applied in
+    order in one atomic update, where one bad element applies none."""
+
+    value: float | None = Field(default=None, description="A finite number.", examples=[5.0])
+    num_updates: NumUpdates | None = None
+    values: list[BatchItem] | None = Field(
+        default=None,
+        min_length=1,
+        description="Numbers, or objects with value and num_updates, applied in order.",
+        examples=[[1.5, 2.0, {"value": 10.0, "num_updates": 7}]],
+    )
+
+    @model_validator(mode="after")
+    def _value_or_values(self) -> Self:
+        if (self.value is None) == (self.values is None):
+            raise ValueError("give either value or values")
+        if self.values is not None and self.num_updates is not None:
+            raise ValueError("num_updates goes with value; give values as objects to set it")
+        return self
+
+    def samples(self) -> list[tuple[float, int | None]]:
+        if self.values is None:
+            assert self.value is not None
+            return [(self.value, self.num_updates)]
+        return [
+            (item, None) if isinstance(item, float) else (item.value, item.num_updates)
+            for item in self.values
+        ]
+
+
+class StreamState(BaseModel):
+    """A stream's state and configuration, as returned by a push and by GET."""
+
+    name: str = Field(description=f"The stream's name: {NAME_RULE}.", examples=["cpu"])
+    value: float | None = Field(
+        description="The shadow (the moving average). Null before the first value when the "
+        "stream has no initial value.",
+        examples=[4.555],
+    )
+    debiased: float | None = Field(
+        description="The bias-corrected average: a zero-started shadow divided by 1 minus the "
+        "product of the decays used so far (Adam-style). Null before the first value, or while "
+        "every decay used was 1.",
+        examples=[5.0],
+    )
+    count: int = Field(description="Updates applied so far.", examples=[2])
+    last: float | None = Field(description="The last raw value pushed.", examples=[10.0])
+    decay_used: float | None = Field(
+        description="The decay used by the last update.", examples=[0.99]
+    )
+    updated_at: float | None = Field(
+        description="Redis server time of the last update, in Unix seconds.",
+        examples=[1764072000.123456],
+    )
+    config: StreamConfig
+
+    @classmethod
+    def from_fields(cls, name: str, fields: Fields) -> Self:
+        """Build from the hash fields d i a v n l u t b p (see app/lua/push.lua)."""
+        decay, initial, auto, value, count, last, used, at, biased, product = fields
+        assert decay is not None
+        assert count is not None
+        assert biased is not None
+        assert product is not None
+        n = int(count)
+        correction = 1.0 - float(product)
+        return cls.model_construct(
+            name=name,
+            value=_number(value),
+            debiased=float(biased) / correction if n and correction else None,
+            count=n,
+            last=_number(last),
+            decay_used=_number(used),
+            updated_at=_number(at),
+            config=StreamConfig.model_construct(
+                decay=float(decay), initial=_number(initial), auto_num_updates=auto == "1"
+            ),
+        )
+
+
+def _number(text: str | None) -> float | None:
+    return None if text is None else float(text)
+
+
+class StreamPage(BaseModel):
+    """One page of stream names; follow next_cursor until it is null."""
+
+    streams: list[str] = Field(examples=[["cpu", "cpu.load"]])
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null when the listing is complete.",
+        examples=[None],
+    )
+
+
+class Problem(BaseModel):
+    """An error, as RFC 9457 problem details (media type application/problem+json)."""
+
+    type: str = Field(default="about:blank", examples=["about:blank"])
+    title: str = Field(examples=["Not Found"])
+    status: int = Field(examples=[404])
+    detail: str = Field(examples=["stream 'cpu' does not exist"])
+    instance: str | None = Field(default=None, examples=["/v1/streams/cpu"])
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="For invalid input: where and what, one entry per error."
+    )

@@ -1,0 +1,52 @@
+"""Every setting of the service, read from the environment once and validated."""
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration. Each field is the environment variable `EMA_<FIELD>` unless noted."""
+
+    model_config = SettingsConfigDict(env_prefix="EMA_", extra="ignore", frozen=True)
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "EMA_REDIS_URL"),
+        description="Redis to use (`REDIS_URL`). Unset: start a private embedded redis-server.",
+    )
+    key_prefix: str = Field(default="ema:", description="Prefix of every key the service owns.")
+    default_decay: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.99
+    default_initial: Annotated[float | None, Field(allow_inf_nan=False)] = None
+    default_auto_num_updates: bool = False
+    auto_create: bool = Field(
+        default=True, description="A push to a missing stream creates it with the defaults."
+    )
+    max_batch: Annotated[int, Field(ge=1, le=100_000)] = 10_000
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    redis_timeout: Annotated[float, Field(gt=0)] = Field(
+        default=2.0, description="Seconds a Redis command may take before the request gets a 503."
+    )
+    redis_max_connections: Annotated[int, Field(ge=1)] = 512
+    retry_after: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="Seconds advertised in Retry-After on a 503."
+    )
+    fast_path: bool = Field(
+        default=True,
+        description="Serve pushes by a lean ASGI path in front of the framework (same validation).",
+    )
+    data_dir: Path = Field(default=Path("data"), description="Embedded Redis data folder.")
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    workers: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: os.cpu_count() or 1)
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_hash_tag_braces(cls, prefix: str) -> str:
+        # The stream name is the key's cluster hash tag: a brace in the prefix would steal it.
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("must not contain '{' or '}'")
+        return prefix

@@ -1,0 +1,176 @@
+"""StreamStore: the only code that talks to Redis. Driver errors become domain errors here."""
+
+import base64
+import binascii
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from app.errors import InvalidInput, StoreUnavailable, StreamNotFound
+from app.keys import NAME_PATTERN, KeyLayout
+from app.models import StreamConfig, StreamPage, StreamState
+from app.scripts import STATE_FIELDS, Fields, Scripts, format_number
+
+# Replies that mean "Redis cannot serve this right now": worth a 503 and a retry, never a 500.
+_TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+# Keys examined per SCAN call, and SCAN calls per listing request: bounds one request's work.
+_SCAN_COUNT = 500
+_SCAN_CALLS = 64
+_VALID_NAME = re.compile(NAME_PATTERN)
+
+
+class StreamStore:
+    """Named EMA streams kept in Redis hashes, updated by one Lua script."""
+
+    def __init__(
+        self,
+        client: "Redis",
+        layout: KeyLayout,
+        *,
+        defaults: StreamConfig | None,
+        max_batch: int,
+        retry_after: int = 1,
+    ) -> None:
+        """`defaults` configures streams created by a push; None makes such a push a 404."""
+        self._client = client
+        self._layout = layout
+        self._scripts = Scripts(client)
+        self._create_with = (
+            None
+            if defaults is None
+            else (defaults.decay, defaults.initial, defaults.auto_num_updates)
+        )
+        self._max_batch = max_batch
+        self._retry_after = retry_after
+
+    @asynccontextmanager
+    async def _errors(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as error:
+            # Includes BusyLoadingError. A timed-out write may still have been applied.
+            raise StoreUnavailable(
+                f"Redis is unavailable ({type(error).__name__}); a write that timed out may "
+                "or may not have been applied",
+                retry_after=self._retry_after,
+            ) from error
+        except redis_errors.ResponseError as error:
+            message = str(error)
+            if message.startswith(_TRANSIENT_REPLIES):
+                raise StoreUnavailable(
+                    f"Redis is unavailable ({message.split()[0]})", retry_after=self._retry_after
+                ) from error
+            raise
+
+    async def ping(self) -> None:
+        async with self._errors():
+            await self._client.ping()
+
+    async def configure(self, name: str, config: StreamConfig) -> tuple[StreamState, bool]:
+        """Create or replace a stream: its configuration set, its state reset. True if created."""
+        # Any: redis-py types mapping keys as its whole (invariant) key union.
+        fields: dict[Any, str] = {
+            "d": format_number(config.decay),
+            "a": "1" if config.auto_num_updates else "0",
+            "n": "0",
+            "b": "0",
+            "p": "1",
+        }
+        if config.initial is not None:
+            fields["i"] = fields["v"] = format_number(config.initial)
+        key = self._layout.stream(name)
+        async with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping=fields)
+            pipe.hmget(key, STATE_FIELDS)
+            existed, _, state = await pipe.execute()
+        return StreamState.from_fields(name, state), not existed
+
+    async def get(self, name: str) -> StreamState:
+        async with self._errors():
+            fields = cast(Fields, await self._client.hmget(self._layout.stream(name), STATE_FIELDS))
+        if fields[0] is None:
+            raise StreamNotFound(name)
+        return StreamState.from_fields(name, fields)
+
+    async def delete(self, name: str) -> None:
+        async with self._errors():
+            deleted = await self._client.delete(self._layout.stream(name))
+        if not deleted:
+            raise StreamNotFound(name)
+
+    async def push(self, name: str, samples: Sequence[tuple[float, int | None]]) -> StreamState:
+        """Apply samples (value, num_updates) in order, atomically, creating the stream if allowed.
+
+        The batch is capped because a Lua script blocks every other client while it runs.
+        """
+        if len(samples) > self._max_batch:
+            raise InvalidInput(f"values: at most {self._max_batch} per push, got {len(samples)}")
+        try:
+            async with self._errors():
+                fields = await self._scripts.push(
+                    self._layout.stream(name), create_with=self._create_with, samples=samples
+                )
+        except redis_errors.ResponseError as error:
+            message = str(error)
+            if message.startswith("EMA_NOT_FOUND"):
+                raise StreamNotFound(name) from error
+            if message.startswith("EMA_INVALID"):
+                raise InvalidInput(message.removeprefix("EMA_INVALID ")) from error
+            raise
+        return StreamState.from_fields(name, fields)
+
+    async def list(self, prefix: str, cursor: str | None, limit: int) -> StreamPage:
+        """Up to `limit` names starting with `prefix`, sorted within a page, by SCAN.
+
+        The cursor is (SCAN cursor, last name returned from that SCAN batch): a page may stop
+        inside a batch, and re-reading the batch resumes after that name. As with SCAN, a
+        stream that exists for the whole listing is returned at least once.
+        """
+        scan_cursor, after = _decode_cursor(cursor)
+        pattern = self._layout.scan_pattern(prefix)
+        names: list[str] = []
+        async with self._errors():
+            for _ in range(_SCAN_CALLS):
+                next_cursor, keys = await self._client.scan(
+                    scan_cursor, match=pattern, count=_SCAN_COUNT
+                )
+                batch = sorted(
+                    name
+                    for name in {self._layout.name_of(str(key)) for key in keys}
+                    if name > after and _VALID_NAME.match(name)
+                )
+                after = ""
+                room = limit - len(names)
+                if len(batch) > room:
+                    names += batch[:room]
+                    resume = _encode_cursor(scan_cursor, names[-1])
+                    return StreamPage(streams=names, next_cursor=resume)
+                names += batch
+                if next_cursor == 0:
+                    return StreamPage(streams=names, next_cursor=None)
+                scan_cursor = next_cursor
+                if len(names) == limit:
+                    break
+        return StreamPage(streams=names, next_cursor=_encode_cursor(scan_cursor, ""))
+
+
+def _encode_cursor(scan_cursor: int, after: str) -> str:
+    return base64.urlsafe_b64encode(f"{scan_cursor}/{after}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> tuple[int, str]:
+    if not cursor:
+        return 0, ""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        scan_cursor, after = text.split("/", 1)
+        if not scan_cursor.isdigit() or (after and not _VALID_NAME.match(after)):
+            raise ValueError(text)
+        return int(scan_cursor), after
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidInput("cursor: not a cursor returned by this service") from None
