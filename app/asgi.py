@@ -41,16 +41,28 @@ class BodyLimit:
                 await response(scope, receive, send)
                 return
         received = 0
+        rejected = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            # Over the limit, answer 413 here and tell the app the client went away: whatever
+            # the app then makes of its truncated body is never sent.
+            nonlocal received, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise PayloadTooLarge(self.max_bytes)
+                rejected = True
+                response = service_problem(PayloadTooLarge(self.max_bytes), scope["path"])
+                await response(scope, receive, send)
+                return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def guarded_send(message: Message) -> None:
+            if not rejected:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
 
 
 class JsonByDefault:

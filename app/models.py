@@ -28,16 +28,12 @@ Decay = Annotated[
     float,
     Field(ge=0, le=1, description="Decay in [0, 1]: the weight the shadow keeps per update."),
 ]
-NumUpdates = Annotated[
-    int,
-    Field(
-        ge=0,
-        le=MAX_NUM_UPDATES,
-        description="TensorFlow's num_updates (the training step): the decay used is "
-        "min(decay, (1 + num_updates) / (10 + num_updates)).",
-        examples=[10000],
-    ),
-]
+NumUpdates = Annotated[int, Field(ge=0, le=MAX_NUM_UPDATES)]
+NUM_UPDATES_DOC = (
+    "TensorFlow's num_updates (the training step), an integer in [0, 1e15]: the decay used is "
+    "min(decay, (1 + num_updates) / (10 + num_updates)). Null or absent: the stream's decay, "
+    "or its own count when auto_num_updates is on."
+)
 
 
 class StreamConfig(Model):
@@ -52,6 +48,7 @@ class StreamConfig(Model):
     auto_num_updates: bool = Field(
         default=False,
         description="Use the stream's own update count as num_updates when a push carries none.",
+        examples=[False],
     )
 
 
@@ -59,7 +56,9 @@ class Sample(Model):
     """One value to apply, optionally with TensorFlow's num_updates."""
 
     value: float = Field(description="A finite number.", examples=[5.0])
-    num_updates: NumUpdates | None = None
+    num_updates: NumUpdates | None = Field(
+        default=None, description=NUM_UPDATES_DOC, examples=[10000]
+    )
 
 
 def _number_or_object(item: Any) -> str:
@@ -77,7 +76,9 @@ class Push(Model):
     order in one atomic update, where one bad element applies none."""
 
     value: float | None = Field(default=None, description="A finite number.", examples=[5.0])
-    num_updates: NumUpdates | None = None
+    num_updates: NumUpdates | None = Field(
+        default=None, description=NUM_UPDATES_DOC, examples=[10000]
+    )
     values: list[BatchItem] | None = Field(
         default=None,
         min_length=1,
@@ -127,7 +128,7 @@ class StreamState(BaseModel):
         description="Redis server time of the last update, in Unix seconds.",
         examples=[1764072000.123456],
     )
-    config: StreamConfig
+    config: StreamConfig = Field(description="The stream's configuration.")
 
     @classmethod
     def from_fields(cls, name: str, fields: Fields) -> Self:
@@ -160,7 +161,7 @@ def _number(text: str | None) -> float | None:
 class StreamPage(BaseModel):
     """One page of stream names; follow next_cursor until it is null."""
 
-    streams: list[str] = Field(examples=[["cpu", "cpu.load"]])
+    streams: list[str] = Field(description="Stream names.", examples=[["cpu", "cpu.load"]])
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null when the listing is complete.",
         examples=[None],

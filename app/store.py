@@ -125,7 +125,7 @@ class StreamStore:
         return StreamState.from_fields(name, fields)
 
     async def list(self, prefix: str, cursor: str | None, limit: int) -> StreamPage:
-        """Up to `limit` names starting with `prefix`, sorted within a page, by SCAN.
+        """Up to `limit` names starting with `prefix`, in no particular order, by SCAN.
 
         The cursor is (SCAN cursor, last name returned from that SCAN batch): a page may stop
         inside a batch, and re-reading the batch resumes after that name. As with SCAN, a

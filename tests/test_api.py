@@ -1,0 +1,152 @@
+"""The HTTP API's resources, statuses and bodies."""
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import make_settings, serve
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_put_creates_then_replaces_and_resets(client: httpx.AsyncClient) -> None:
+    created = await client.put("/v1/streams/cpu", json={"decay": 0.9, "initial": 1.0})
+    assert created.status_code == 201
+    assert created.json()["config"] == {"decay": 0.9, "initial": 1.0, "auto_num_updates": False}
+    await client.post("/v1/streams/cpu/values", json={"value": 100.0})
+    replaced = await client.put("/v1/streams/cpu", json={"decay": 0.5})
+    assert replaced.status_code == 200
+    state = replaced.json()
+    assert (state["value"], state["count"], state["config"]["initial"]) == (None, 0, None)
+
+
+async def test_put_accepts_curl_default_form_content_type(client: httpx.AsyncClient) -> None:
+    # `curl -d '{...}'` labels the body application/x-www-form-urlencoded.
+    headers = {"content-type": "application/x-www-form-urlencoded"}
+    put = await client.put("/v1/streams/c", content=b'{"decay": 0.5}', headers=headers)
+    assert put.status_code == 201
+    push = await client.post("/v1/streams/c/values", content=b'{"value": 2}', headers=headers)
+    assert push.json()["value"] == 2.0
+
+
+async def test_get_and_delete_unknown_stream_are_404_problems(client: httpx.AsyncClient) -> None:
+    for response in [await client.get("/v1/streams/nope"), await client.delete("/v1/streams/nope")]:
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/problem+json"
+        problem = response.json()
+        assert problem["status"] == 404
+        assert problem["title"] == "Not Found"
+        assert "nope" in problem["detail"]
+        assert problem["instance"] == "/v1/streams/nope"
+
+
+async def test_delete_removes_the_stream(
+    client: httpx.AsyncClient, redis_client: "redis.Redis"
+) -> None:
+    await client.post("/v1/streams/gone/values", json={"value": 1})
+    assert redis_client.exists("test:{gone}")
+    assert (await client.delete("/v1/streams/gone")).status_code == 204
+    assert not redis_client.exists("test:{gone}")
+    assert (await client.get("/v1/streams/gone")).status_code == 404
+
+
+async def test_push_creates_missing_stream_with_server_defaults(
+    redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    settings = make_settings(redis_server.url, default_decay=0.5, default_initial=10.0)
+    async for client in serve(settings):
+        state = (await client.post("/v1/streams/new/values", json={"value": 20})).json()
+        assert state["config"] == {"decay": 0.5, "initial": 10.0, "auto_num_updates": False}
+        assert state["value"] == 15.0
+
+
+async def test_push_to_missing_stream_is_404_when_auto_create_is_off(
+    redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    for fast_path in (True, False):
+        settings = make_settings(redis_server.url, auto_create=False, fast_path=fast_path)
+        async for client in serve(settings):
+            response = await client.post("/v1/streams/new/values", json={"value": 20})
+            assert response.status_code == 404
+            assert response.headers["content-type"] == "application/problem+json"
+    assert redis_client.keys("*") == []
+
+
+async def test_stream_state_is_stored_under_the_documented_key(
+    client: httpx.AsyncClient, redis_client: "redis.Redis"
+) -> None:
+    await client.put("/v1/streams/a.b:c-d_e", json={"decay": 0.25, "initial": 3})
+    await client.post("/v1/streams/a.b:c-d_e/values", json={"value": 7, "num_updates": 1})
+    stored = redis_client.hgetall("test:{a.b:c-d_e}")
+    assert float(stored["d"]) == 0.25
+    assert float(stored["i"]) == 3.0
+    assert float(stored["l"]) == 7.0
+    assert stored["n"] == "1"
+    assert redis_client.keys("*") == ["test:{a.b:c-d_e}"]
+
+
+async def test_listing_pages_through_every_stream_once(
+    client: httpx.AsyncClient, redis_client: "redis.Redis"
+) -> None:
+    names = {f"m.{i:04}" for i in range(1234)} | {"other"}
+    with redis_client.pipeline() as pipe:
+        for name in names:
+            pipe.hset(
+                f"test:{{{name}}}", mapping={"d": "0.5", "a": "0", "n": "0", "b": "0", "p": "1"}
+            )
+        pipe.set("test:{m.0001}:side", "not a stream")
+        pipe.set("unrelated:{m.x}", "not ours")
+        pipe.execute()
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"prefix": "m.", "limit": 100} | ({"cursor": cursor} if cursor else {})
+        page = (await client.get("/v1/streams", params=params)).json()
+        assert len(page["streams"]) <= 100
+        seen += page["streams"]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(name for name in names if name.startswith("m."))
+    assert pages >= 13
+
+
+@pytest.mark.parametrize(
+    "params", [{"cursor": "garbage!"}, {"limit": 0}, {"limit": 1001}, {"prefix": "a*"}]
+)
+async def test_listing_rejects_bad_parameters(
+    client: httpx.AsyncClient, params: dict[str, object]
+) -> None:
+    response = await client.get("/v1/streams", params=params)
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_health_probes(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+
+
+async def test_unknown_route_and_method_are_problems(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/v2/nothing")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/problem+json"
+    wrong = await client.patch("/v1/streams/cpu")
+    assert wrong.status_code == 405
+    assert wrong.json()["status"] == 405
+
+
+async def test_openapi_documents_every_field_with_an_example(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    assert "/v1/streams/{name}/values" in schema["paths"]
+    push = schema["paths"]["/v1/streams/{name}/values"]["post"]
+    assert "requestBody" in push
+    for model in ("StreamConfig", "Sample", "Push", "StreamState", "StreamPage"):
+        for field, spec in schema["components"]["schemas"][model]["properties"].items():
+            assert spec.get("description"), (model, field)
+            if "$ref" not in spec:
+                assert spec.get("examples"), (model, field)
+    assert (await client.get("/docs")).status_code == 200
