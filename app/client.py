@@ -64,7 +64,6 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app import __version__
-from app.models import Problem, Sample, StreamConfig, StreamPage, StreamState
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
 URL_VARIABLE: Final = "EMA_URL"
@@ -74,9 +73,6 @@ BULK_PATH: Final = "/v1/values"
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-# A value to push: a number, or a Sample(value=..., num_updates=...) carrying TensorFlow's step.
-Value = float | Sample
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -199,27 +195,71 @@ def _retry_after(response: httpx.Response) -> float | None:
 # --- results ----------------------------------------------------------------------------------
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=False)
+# The replies' models mirror app.models (a test keeps them in step) rather than import it: a
+# program that only pushes metrics should not load the server's Redis driver, and a reply from a
+# newer service, with fields this client does not know, must still parse. They keep such fields.
 
 
-class StateConfig(StreamConfig):
-    """A stream's configuration as read back (tolerates fields newer than this client)."""
-
-    model_config = ConfigDict(extra="ignore", strict=False)
+class _Reply(BaseModel):
+    model_config = ConfigDict(extra="allow")
 
 
-class State(StreamState):
-    """A stream's state and configuration, as returned by a push and by `get`."""
+class Problem(_Reply):
+    """An error's details, as the service sends them (RFC 9457 problem+json)."""
 
-    model_config = ConfigDict(extra="ignore")
-    config: StateConfig
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str = ""
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = None
 
 
-class Page(StreamPage):
+class StreamConfig(_Reply):
+    """A stream's configuration."""
+
+    decay: float
+    initial: float | None = None
+    auto_num_updates: bool = False
+
+
+class State(_Reply):
+    """A stream's state and configuration, as returned by a push and by `get`: `value` is the
+    moving average, `debiased` the bias-corrected one, `count` the updates applied."""
+
+    name: str
+    value: float | None
+    debiased: float | None = None
+    count: int
+    last: float | None = None
+    decay_used: float | None = None
+    updated_at: float | None = None
+    config: StreamConfig
+
+
+class Page(_Reply):
     """One page of stream names; follow `next_cursor` until it is None."""
 
-    model_config = ConfigDict(extra="ignore")
+    streams: list[str]
+    next_cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A value with TensorFlow's `num_updates` (the training step): the decay used is
+    min(decay, (1 + num_updates) / (10 + num_updates))."""
+
+    value: float
+    num_updates: int | None = None
+
+    def body(self) -> float | dict[str, float | int]:
+        if self.num_updates is None:
+            return self.value
+        return {"value": self.value, "num_updates": self.num_updates}
+
+
+# A value to push: a number, or a Sample carrying TensorFlow's step.
+Value = float | Sample
 
 
 @dataclass(frozen=True)
@@ -235,7 +275,7 @@ class BulkResult:
         return self.error is None
 
 
-class Update(_Lenient):
+class Update(_Reply):
     """A `subscribe` event: the stream was updated."""
 
     id: str | None = None
@@ -246,7 +286,7 @@ class Update(_Lenient):
     updated_at: float | None = None
 
 
-class Lagged(_Lenient):
+class Lagged(_Reply):
     """A `subscribe` event: the subscriber fell behind and `missed` updates were dropped (None:
     an unknown number, e.g. after the service lost Redis for a moment)."""
 
@@ -409,18 +449,13 @@ def _nothing(response: httpx.Response) -> None:
     _checked(response)
 
 
-def _sample(item: Value) -> float | dict[str, float | int]:
-    if isinstance(item, Sample):
-        return item.model_dump(exclude_none=True)
-    return item
-
-
 def _values_body(values: Value | Sequence[Value]) -> dict[str, Any]:
     if isinstance(values, Sample):
-        return values.model_dump(exclude_none=True)
+        body = values.body()
+        return body if isinstance(body, dict) else {"value": body}
     if isinstance(values, float | int):
         return {"value": values}
-    return {"values": [_sample(item) for item in values]}
+    return {"values": [item.body() if isinstance(item, Sample) else item for item in values]}
 
 
 def _idempotency(idempotent: bool, key: str | None) -> dict[str, str]:
@@ -818,7 +853,7 @@ class Client(_ClientBase):
         the new state. `idempotent=True` sends a fresh Idempotency-Key, or pass your own key:
         only such a push is retried (an unkeyed one may have been applied when its reply was
         lost)."""
-        sample = Sample.model_construct(value=value, num_updates=num_updates)
+        sample = Sample(value, num_updates)
         return self._run(_Calls.push(name, sample, idempotent, idempotency_key))
 
     def push_many(
@@ -954,7 +989,7 @@ class AsyncClient(_ClientBase):
         idempotency_key: str | None = None,
     ) -> State:
         """Applies one value; see `Client.push`."""
-        sample = Sample.model_construct(value=value, num_updates=num_updates)
+        sample = Sample(value, num_updates)
         return await self._run(_Calls.push(name, sample, idempotent, idempotency_key))
 
     async def push_many(

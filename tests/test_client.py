@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app import models
 from app.client import (
     ApiError,
     AsyncClient,
@@ -32,11 +33,14 @@ from app.client import (
     Lagged,
     NotFound,
     NotSupported,
+    Page,
     PayloadTooLarge,
+    Problem,
     Retry,
     Sample,
     ServiceUnavailable,
     State,
+    StreamConfig,
     TransportError,
     Unauthorized,
     Update,
@@ -325,6 +329,21 @@ async def test_async_client_makes_every_call(service: Service, name: str) -> Non
         await ema.delete(name)
         with pytest.raises(NotFound):
             await ema.delete(name)
+
+
+def test_reply_models_mirror_the_service_models() -> None:
+    assert set(State.model_fields) == set(models.StreamState.model_fields)
+    assert set(StreamConfig.model_fields) <= set(models.StreamConfig.model_fields)
+    assert set(Page.model_fields) == set(models.StreamPage.model_fields)
+    assert set(Problem.model_fields) == set(models.Problem.model_fields)
+    assert set(Sample.__dataclass_fields__) == set(models.Sample.model_fields)
+
+
+def test_replies_keep_fields_newer_than_the_client(ema: Client, name: str) -> None:
+    state = ema.push(name, 1)
+    assert state.model_dump()["config"].keys() >= {"decay", "initial", "auto_num_updates"}
+    newer = State.model_validate({**state.model_dump(), "novel": 1})
+    assert newer.model_dump()["novel"] == 1
 
 
 def test_features_are_read_from_the_service(ema: Client) -> None:
