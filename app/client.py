@@ -361,8 +361,8 @@ class _Attempts:
         """The wait before trying again after no answer; raises TransportError when done."""
         if self._may_retry():
             return self.policy.delay(self.failures)
-        # A connection that was never made carried nothing: nothing can have been applied.
-        unsent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout)
+        # A request that never got a connection carried nothing: nothing can have been applied.
+        unsent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
         maybe = self.call.mutates and not self.call.retry and not unsent
         message = f"{self.call.method} {self.call.path}: {_describe(error)}"
         if maybe:
@@ -382,6 +382,7 @@ def _describe(error: httpx.TransportError) -> str:
     kind = {
         httpx.ConnectError: "cannot connect",
         httpx.ConnectTimeout: "timed out connecting",
+        httpx.PoolTimeout: "timed out waiting for a free connection",
         httpx.ReadTimeout: "timed out waiting for the reply",
         httpx.RemoteProtocolError: "the connection dropped",
         httpx.ReadError: "the connection dropped",
