@@ -5,6 +5,7 @@ With no REDIS_URL, the embedded redis-server is started here, once, and shared b
 
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -16,6 +17,9 @@ from app.settings import Settings
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     settings = Settings()
+    # uvicorn re-raises the SIGTERM it handled once it has shut down: exit normally then, so
+    # that the embedded Redis below is stopped rather than orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     embedded = None
     if settings.redis_url is None:
         embedded = EmbeddedRedis(settings.data_dir)

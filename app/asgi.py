@@ -20,6 +20,7 @@ from app.store import StreamStore
 
 _PUSH_PATH: Final = re.compile("/v1/streams/(" + NAME_PATTERN.strip("^$") + ")/values")
 _JSON_HEADERS: Final = [(b"content-type", b"application/json")]
+_REPLAYED_HEADERS: Final = [*_JSON_HEADERS, (b"idempotent-replayed", b"true")]
 # curl -d sends this content type; the API's bodies are always JSON.
 _FORM: Final = b"application/x-www-form-urlencoded"
 
@@ -102,12 +103,21 @@ class PushFastPath:
                 push = Push.model_validate_json(body)
             except ValidationError as error:
                 raise InvalidInput.from_validation(error.errors()) from None
-            state = await store.push(match[1], push.samples())
+            idempotency_key = _header(scope, b"idempotency-key")
+            state, replayed = await store.push(match[1], push.samples(), idempotency_key)
         except ServiceError as error:
             await service_problem(error, scope["path"])(scope, receive, send)
             return
-        await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
+        headers = _REPLAYED_HEADERS if replayed else _JSON_HEADERS
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": state.model_dump_json().encode()})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 async def _read_body(receive: Receive) -> bytes:

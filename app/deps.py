@@ -4,7 +4,9 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
+from app.events import EventHub
 from app.keys import NAME_MAX_LENGTH, NAME_PATTERN, NAME_RULE
+from app.settings import Settings
 from app.store import StreamStore
 
 
@@ -13,7 +15,19 @@ def _store(request: Request) -> StreamStore:
     return store
 
 
+def _hub(request: Request) -> EventHub:
+    hub: EventHub = request.app.state.hub
+    return hub
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
 StoreDep = Annotated[StreamStore, Depends(_store)]
+HubDep = Annotated[EventHub, Depends(_hub)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
 StreamName = Annotated[
     str,
     Path(

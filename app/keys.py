@@ -1,8 +1,9 @@
-"""Redis key layout: `<prefix>{<name>}` for a stream's hash.
+"""Redis key layout: `<prefix>{<name>}` for a stream's hash, `<prefix>{<name>}:<suffix>` for its
+side keys (history, idempotency records) and its Pub/Sub channel.
 
-The name sits in braces so that it is the Redis Cluster hash tag: every key of one stream
-(later side keys such as `<prefix>{<name>}:history`) lands in one hash slot, which a Lua
-script touching several of them requires. Names therefore may not contain braces.
+The name sits in braces so that it is the Redis Cluster hash tag: every key of one stream lands
+in one hash slot, which a Lua script touching several of them requires. Names therefore may not
+contain braces.
 """
 
 import re
@@ -27,6 +28,23 @@ class KeyLayout:
 
     def stream(self, name: str) -> str:
         return f"{self.prefix}{{{name}}}"
+
+    def history(self, name: str) -> str:
+        return f"{self.prefix}{{{name}}}:history"
+
+    def idempotency(self, name: str, idempotency_key: str) -> str:
+        return f"{self.prefix}{{{name}}}:idem:{idempotency_key}"
+
+    def channel(self, name: str) -> str:
+        """The Pub/Sub channel announcing the stream's updates."""
+        return f"{self.prefix}{{{name}}}:events"
+
+    def channel_pattern(self, name_prefix: str) -> str:
+        """A PSUBSCRIBE pattern for the channels of the streams starting with `name_prefix`."""
+        return f"{_glob_escape(self.prefix)}{{{_glob_escape(name_prefix)}*}}:events"
+
+    def name_of_channel(self, channel: str) -> str:
+        return channel[len(self.prefix) + 1 : -len("}:events")]
 
     def scan_pattern(self, name_prefix: str) -> str:
         """A SCAN MATCH pattern for the streams whose name starts with `name_prefix`.

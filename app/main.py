@@ -1,8 +1,12 @@
 """The application factory. `app.main:app` is the ASGI app that uvicorn serves."""
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from types import FrameType
 
 import anyio
 from fastapi import FastAPI
@@ -13,9 +17,10 @@ from redis.backoff import NoBackoff
 from app import __version__, errors
 from app.asgi import BodyLimit, JsonByDefault, PushFastPath
 from app.embedded import EmbeddedRedis
+from app.events import EventHub
 from app.keys import KeyLayout
 from app.models import StreamConfig
-from app.routes import health, streams
+from app.routes import events, health, streams
 from app.settings import Settings
 from app.store import StreamStore
 
@@ -44,6 +49,36 @@ def redis_client(url: str, settings: Settings) -> "Redis":
     )
 
 
+@contextmanager
+def _end_subscriptions_on_exit_signal(hub: EventHub) -> Iterator[None]:
+    """On SIGTERM or SIGINT, end every event stream, then let the server's handler run.
+
+    uvicorn stops accepting and waits for open responses before it runs the lifespan's
+    shutdown: without this, an event stream would hold the process until it is killed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(hub.close()))
+        server_handler = previous[signal.Signals(sig)]
+        if callable(server_handler):
+            server_handler(sig, frame)
+
+    for sig, server_handler in previous.items():
+        if callable(server_handler):  # only when a server installed one, as uvicorn does
+            signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, server_handler in previous.items():
+            if callable(server_handler):
+                signal.signal(sig, server_handler)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -57,17 +92,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         decay=settings.default_decay,
         initial=settings.default_initial,
         auto_num_updates=settings.default_auto_num_updates,
+        history=settings.default_history,
     )
+    layout = KeyLayout(settings.key_prefix)
     app.state.store = StreamStore(
         client,
-        KeyLayout(settings.key_prefix),
+        layout,
         defaults=defaults if settings.auto_create else None,
         max_batch=settings.max_batch,
+        idempotency_seconds=settings.idempotency_seconds,
+        announce=settings.events,
         retry_after=settings.retry_after,
     )
+    app.state.hub = hub = EventHub(
+        client,
+        layout,
+        queue_size=settings.subscriber_queue,
+        max_subscriptions=settings.max_subscriptions,
+    )
+    hub.start()
     try:
-        yield
+        with _end_subscriptions_on_exit_signal(hub):
+            yield
     finally:
+        await hub.close()
         await client.aclose()
         if embedded is not None:
             await anyio.to_thread.run_sync(embedded.stop)
@@ -85,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.include_router(streams.router)
+    app.include_router(events.router)
     app.include_router(health.router)
     # Added innermost first: the body limit sees every request before anything reads a body.
     app.add_middleware(JsonByDefault)

@@ -16,6 +16,7 @@ from app.scripts import Fields
 
 # 1e15 keeps (1 + n) / (10 + n) exact in float64 with plenty to spare.
 MAX_NUM_UPDATES = 10**15
+MAX_HISTORY = 100_000
 
 
 class Model(BaseModel):
@@ -49,6 +50,13 @@ class StreamConfig(Model):
         default=False,
         description="Use the stream's own update count as num_updates when a push carries none.",
         examples=[False],
+    )
+    history: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_HISTORY,
+        description="Keep the newest this many (time, raw, smoothed) entries; 0 keeps none.",
+        examples=[1000],
     )
 
 
@@ -132,8 +140,8 @@ class StreamState(BaseModel):
 
     @classmethod
     def from_fields(cls, name: str, fields: Fields) -> Self:
-        """Build from the hash fields d i a v n l u t b p (see app/lua/push.lua)."""
-        decay, initial, auto, value, count, last, used, at, biased, product = fields
+        """Build from the hash fields d i a h v n l u t b p (see app/lua/push.lua)."""
+        decay, initial, auto, history, value, count, last, used, at, biased, product = fields
         assert decay is not None
         assert count is not None
         assert biased is not None
@@ -149,7 +157,10 @@ class StreamState(BaseModel):
             decay_used=_number(used),
             updated_at=_number(at),
             config=StreamConfig.model_construct(
-                decay=float(decay), initial=_number(initial), auto_num_updates=auto == "1"
+                decay=float(decay),
+                initial=_number(initial),
+                auto_num_updates=auto == "1",
+                history=int(history or 0),
             ),
         )
 
@@ -164,6 +175,25 @@ class StreamPage(BaseModel):
     streams: list[str] = Field(description="Stream names.", examples=[["cpu", "cpu.load"]])
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null when the listing is complete.",
+        examples=[None],
+    )
+
+
+class HistoryEntry(BaseModel):
+    """One applied value: its update's id (the stream's count after it), time, raw and smoothed."""
+
+    id: int = Field(description="The stream's count after this value.", examples=[41])
+    time: float = Field(description="Redis server time, Unix seconds.", examples=[1764072000.5])
+    raw: float = Field(description="The value pushed.", examples=[10.0])
+    value: float = Field(description="The shadow after this value.", examples=[4.555])
+
+
+class HistoryPage(BaseModel):
+    """The oldest `limit` entries after `since`, oldest first."""
+
+    entries: list[HistoryEntry] = Field(description="Oldest first.", examples=[[]])
+    next_since: int | None = Field(
+        description="Pass as `since` for the next page; null when there is no more.",
         examples=[None],
     )
 

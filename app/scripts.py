@@ -6,13 +6,14 @@ script cache), loads the script and retries once, so the cache never needs warmi
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.resources import files
 from typing import cast
 
 from redis.asyncio import Redis
 
-# The order of the hash fields in push.lua's reply, and in the HMGET of a read.
-STATE_FIELDS = ("d", "i", "a", "v", "n", "l", "u", "t", "b", "p")
+# The order of the hash fields in push.lua's reply, in its announcements, and in a read's HMGET.
+STATE_FIELDS = ("d", "i", "a", "h", "v", "n", "l", "u", "t", "b", "p")
 
 Fields = list[str | None]
 
@@ -26,6 +27,25 @@ def format_number(x: float) -> str:
     return repr(x)
 
 
+@dataclass(frozen=True)
+class Defaults:
+    """The configuration a push gives a stream it creates."""
+
+    decay: float
+    initial: float | None
+    auto_num_updates: bool
+    history: int
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """An idempotency record's key, the request's fingerprint, and how long to keep it."""
+
+    key: str
+    fingerprint: str
+    seconds: int
+
+
 class Scripts:
     """Typed handles on the Lua scripts, bound to one Redis client."""
 
@@ -34,21 +54,29 @@ class Scripts:
 
     async def push(
         self,
-        key: str,
-        *,
-        create_with: tuple[float, float | None, bool] | None,
+        keys: tuple[str, str],
         samples: Sequence[tuple[float, int | None]],
-    ) -> Fields:
-        """Apply `samples` (value, num_updates) in order; create the stream from the default
-        (decay, initial, auto_num_updates) when it is missing and `create_with` is given."""
-        decay, initial, auto = create_with or (1.0, None, False)
+        *,
+        create_with: Defaults | None,
+        idempotency: Idempotency | None,
+        channel: str | None,
+    ) -> tuple[Fields, bool]:
+        """Apply `samples` (value, num_updates) in order. Returns the stream's fields and whether
+        they are the stored reply of an earlier push with the same idempotency key."""
+        defaults = create_with or Defaults(1.0, None, False, 0)
         args: list[str] = [
             "1" if create_with else "0",
-            format_number(decay),
-            "" if initial is None else format_number(initial),
-            "1" if auto else "0",
+            format_number(defaults.decay),
+            "" if defaults.initial is None else format_number(defaults.initial),
+            "1" if defaults.auto_num_updates else "0",
+            str(defaults.history),
+            idempotency.fingerprint if idempotency else "",
+            str(idempotency.seconds) if idempotency else "0",
+            channel or "",
         ]
         for value, num_updates in samples:
             args.append(format_number(value))
             args.append("" if num_updates is None else str(num_updates))
-        return cast(Fields, await self._push(keys=[key], args=args))
+        all_keys = [*keys, idempotency.key] if idempotency else list(keys)
+        reply = cast(Fields, await self._push(keys=all_keys, args=args))
+        return reply[: len(STATE_FIELDS)], reply[len(STATE_FIELDS)] == "1"

@@ -22,15 +22,31 @@ class Settings(BaseSettings):
     default_decay: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.99
     default_initial: Annotated[float | None, Field(allow_inf_nan=False)] = None
     default_auto_num_updates: bool = False
+    default_history: Annotated[int, Field(ge=0, le=100_000)] = 0
     auto_create: bool = Field(
         default=True, description="A push to a missing stream creates it with the defaults."
     )
     max_batch: Annotated[int, Field(ge=1, le=100_000)] = 10_000
+    idempotency_seconds: Annotated[int, Field(ge=1)] = Field(
+        default=86_400, description="How long a push's Idempotency-Key is remembered."
+    )
+    events: bool = Field(
+        default=True, description="Publish every update to Redis Pub/Sub for subscribers."
+    )
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
     redis_timeout: Annotated[float, Field(gt=0)] = Field(
         default=2.0, description="Seconds a Redis command may take before the request gets a 503."
     )
     redis_max_connections: Annotated[int, Field(ge=1)] = 512
+    max_subscriptions: Annotated[int, Field(ge=0)] = Field(
+        default=1000, description="Open event subscriptions one process serves."
+    )
+    subscriber_queue: Annotated[int, Field(ge=1)] = Field(
+        default=1000, description="Updates buffered per subscriber before it is told it lagged."
+    )
+    sse_heartbeat: Annotated[float, Field(gt=0)] = Field(
+        default=15.0, description="Seconds between heartbeats on an idle event stream."
+    )
     retry_after: Annotated[int, Field(ge=1)] = Field(
         default=1, description="Seconds advertised in Retry-After on a 503."
     )
@@ -41,7 +57,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("data"), description="Embedded Redis data folder.")
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
-    workers: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: os.cpu_count() or 1)
+    # The CPUs this process may run on: in a container limited by cpuset, not the host's count.
+    workers: Annotated[int, Field(ge=1)] = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0))
+    )
 
     @field_validator("key_prefix")
     @classmethod

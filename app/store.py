@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import hashlib
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -12,8 +13,8 @@ from redis.asyncio import Redis
 
 from app.errors import InvalidInput, StoreUnavailable, StreamNotFound
 from app.keys import NAME_PATTERN, KeyLayout
-from app.models import StreamConfig, StreamPage, StreamState
-from app.scripts import STATE_FIELDS, Fields, Scripts, format_number
+from app.models import HistoryEntry, HistoryPage, StreamConfig, StreamPage, StreamState
+from app.scripts import STATE_FIELDS, Defaults, Fields, Idempotency, Scripts, format_number
 
 # Replies that mean "Redis cannot serve this right now": worth a 503 and a retry, never a 500.
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
@@ -21,6 +22,8 @@ _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "
 _SCAN_COUNT = 500
 _SCAN_CALLS = 64
 _VALID_NAME = re.compile(NAME_PATTERN)
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+IDEMPOTENCY_KEY_RULE = "1 to 255 visible ASCII characters"
 
 
 class StreamStore:
@@ -33,18 +36,25 @@ class StreamStore:
         *,
         defaults: StreamConfig | None,
         max_batch: int,
+        idempotency_seconds: int = 86_400,
+        announce: bool = True,
         retry_after: int = 1,
     ) -> None:
-        """`defaults` configures streams created by a push; None makes such a push a 404."""
+        """`defaults` configures streams created by a push; None makes such a push a 404.
+        `announce` publishes every update for subscribers."""
         self._client = client
         self._layout = layout
         self._scripts = Scripts(client)
         self._create_with = (
             None
             if defaults is None
-            else (defaults.decay, defaults.initial, defaults.auto_num_updates)
+            else Defaults(
+                defaults.decay, defaults.initial, defaults.auto_num_updates, defaults.history
+            )
         )
         self._max_batch = max_batch
+        self._idempotency_seconds = idempotency_seconds
+        self._announce = announce
         self._retry_after = retry_after
 
     @asynccontextmanager
@@ -76,6 +86,7 @@ class StreamStore:
         fields: dict[Any, str] = {
             "d": format_number(config.decay),
             "a": "1" if config.auto_num_updates else "0",
+            "h": str(config.history),
             "n": "0",
             "b": "0",
             "p": "1",
@@ -84,7 +95,7 @@ class StreamStore:
             fields["i"] = fields["v"] = format_number(config.initial)
         key = self._layout.stream(name)
         async with self._errors(), self._client.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
+            pipe.delete(key, self._layout.history(name))
             pipe.hset(key, mapping=fields)
             pipe.hmget(key, STATE_FIELDS)
             existed, _, state = await pipe.execute()
@@ -99,21 +110,44 @@ class StreamStore:
 
     async def delete(self, name: str) -> None:
         async with self._errors():
-            deleted = await self._client.delete(self._layout.stream(name))
+            # The history goes too; idempotency records expire on their own.
+            deleted = await self._client.delete(
+                self._layout.stream(name), self._layout.history(name)
+            )
         if not deleted:
             raise StreamNotFound(name)
 
-    async def push(self, name: str, samples: Sequence[tuple[float, int | None]]) -> StreamState:
-        """Apply samples (value, num_updates) in order, atomically, creating the stream if allowed.
+    async def push(
+        self,
+        name: str,
+        samples: Sequence[tuple[float, int | None]],
+        idempotency_key: str | None = None,
+    ) -> tuple[StreamState, bool]:
+        """Apply samples (value, num_updates) in order, atomically, creating the stream if
+        allowed. Returns the new state, and True when it is the stored result of an earlier
+        push with the same idempotency key (which was not applied again).
 
         The batch is capped because a Lua script blocks every other client while it runs.
         """
         if len(samples) > self._max_batch:
             raise InvalidInput(f"values: at most {self._max_batch} per push, got {len(samples)}")
+        idempotency = None
+        if idempotency_key is not None:
+            if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+                raise InvalidInput(f"Idempotency-Key: {IDEMPOTENCY_KEY_RULE}")
+            idempotency = Idempotency(
+                self._layout.idempotency(name, idempotency_key),
+                _fingerprint(samples),
+                self._idempotency_seconds,
+            )
         try:
             async with self._errors():
-                fields = await self._scripts.push(
-                    self._layout.stream(name), create_with=self._create_with, samples=samples
+                fields, replayed = await self._scripts.push(
+                    (self._layout.stream(name), self._layout.history(name)),
+                    samples,
+                    create_with=self._create_with,
+                    idempotency=idempotency,
+                    channel=self._layout.channel(name) if self._announce else None,
                 )
         except redis_errors.ResponseError as error:
             message = str(error)
@@ -121,8 +155,32 @@ class StreamStore:
                 raise StreamNotFound(name) from error
             if message.startswith("EMA_INVALID"):
                 raise InvalidInput(message.removeprefix("EMA_INVALID ")) from error
+            if message.startswith("EMA_IDEMPOTENCY_MISMATCH"):
+                raise InvalidInput(
+                    "Idempotency-Key: already used for a different push to this stream"
+                ) from error
             raise
-        return StreamState.from_fields(name, fields)
+        return StreamState.from_fields(name, fields), replayed
+
+    async def history(self, name: str, since: int, limit: int) -> HistoryPage:
+        """The oldest `limit` history entries with an id (count) above `since`."""
+        async with self._errors(), self._client.pipeline(transaction=False) as pipe:
+            pipe.exists(self._layout.stream(name))
+            pipe.xrange(self._layout.history(name), min=f"({since}-0", count=limit)
+            exists, entries = await pipe.execute()
+        if not exists:
+            raise StreamNotFound(name)
+        page = [
+            HistoryEntry(
+                id=int(entry_id.split("-")[0]),
+                time=float(fields["t"]),
+                raw=float(fields["l"]),
+                value=float(fields["v"]),
+            )
+            for entry_id, fields in entries
+        ]
+        more = len(page) == limit
+        return HistoryPage(entries=page, next_since=page[-1].id if more else None)
 
     async def list(self, prefix: str, cursor: str | None, limit: int) -> StreamPage:
         """Up to `limit` names starting with `prefix`, in no particular order, by SCAN.
@@ -157,6 +215,12 @@ class StreamStore:
                 if len(names) == limit:
                     break
         return StreamPage(streams=names, next_cursor=_encode_cursor(scan_cursor, ""))
+
+
+def _fingerprint(samples: Sequence[tuple[float, int | None]]) -> str:
+    # Of the parsed push, not its bytes: {"value": 5} and {"value": 5.0} are the same push.
+    text = ";".join(f"{format_number(value)},{steps}" for value, steps in samples)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _encode_cursor(scan_cursor: int, after: str) -> str:

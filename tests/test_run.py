@@ -1,13 +1,11 @@
 """`python -m app`, the README's run command, as a real process: embedded Redis, several
 workers, the worked example over real HTTP, and a clean stop."""
 
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,24 +14,7 @@ import httpx
 import pytest
 
 from tests.redis_server import free_port
-
-
-def service_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMA_", "REDIS_"))}
-    return env | {"EMA_PORT": str(port), "EMA_DATA_DIR": str(tmp_path / "data")} | extra
-
-
-def wait_ready(base: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the service exited"
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("the service did not become ready")
+from tests.service import service_env, wait_ready
 
 
 def start_service(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:

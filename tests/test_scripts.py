@@ -13,11 +13,13 @@ from app.scripts import load_source
 from tests.conftest import snapshot
 
 KEY = "test:{s}"
-CREATE = ["1", "0.5", "", "0"]
+HISTORY = "test:{s}:history"
+# create, decay 0.5, no initial, no auto_num_updates, no history, no idempotency, no channel
+CREATE = ["1", "0.5", "", "0", "0", "", "0", ""]
 
 
 def run(client: "redis.Redis", *args: str) -> list[str | None]:
-    reply: list[str | None] = client.eval(load_source("push"), 1, KEY, *args)
+    reply: list[str | None] = client.eval(load_source("push"), 2, KEY, HISTORY, *args)
     return reply
 
 
@@ -41,7 +43,7 @@ def test_script_rejects_bad_num_updates(redis_client: "redis.Redis", num_updates
 
 def test_script_refuses_to_create_when_told_not_to(redis_client: "redis.Redis") -> None:
     with pytest.raises(redis.ResponseError, match="EMA_NOT_FOUND"):
-        run(redis_client, "0", "0.5", "", "0", "1.0", "")
+        run(redis_client, "0", *CREATE[1:], "1.0", "")
     assert redis_client.keys("*") == []
 
 
@@ -65,9 +67,9 @@ def test_numbers_round_trip_bit_for_bit(redis_client: "redis.Redis") -> None:
     values = [random_double(rng) for _ in range(2000)] + [5e-324, -0.0, 0.1, 1 / 3, 2**53 + 1.0]
     for value in values:
         redis_client.delete(KEY)
-        reply = run(redis_client, "1", "0.5", "", "0", repr(value), "")
+        reply = run(redis_client, *CREATE, repr(value), "")
         stored = redis_client.hmget(KEY, "v", "l")
-        for text in (reply[3], reply[5], *stored):
+        for text in (reply[4], reply[6], *stored):
             assert text is not None
             assert struct.pack("<d", float(text)) == struct.pack("<d", value)
 

@@ -2,12 +2,13 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 
 from app.deps import StoreDep, StreamName
 from app.errors import problem_responses as _problems
 from app.keys import NAME_MAX_LENGTH
-from app.models import Push, StreamConfig, StreamPage, StreamState
+from app.models import HistoryPage, Push, StreamConfig, StreamPage, StreamState
+from app.store import IDEMPOTENCY_KEY_RULE
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"])
 
@@ -39,13 +40,43 @@ async def delete_stream(name: StreamName, store: StoreDep) -> None:
 
 
 @router.post("/{name}/values", responses=_problems(404, 413, 422))
-async def push_values(name: StreamName, push: Push, store: StoreDep) -> StreamState:
+async def push_values(
+    name: StreamName,
+    push: Push,
+    store: StoreDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Makes the push safe to retry: a push with a key already used for this "
+            "stream (within EMA_IDEMPOTENCY_SECONDS) is not applied again and gets the original "
+            f"result, marked `Idempotent-Replayed: true`. {IDEMPOTENCY_KEY_RULE}.",
+            examples=["8c1f0d8e-4d1a-4b7e-9a57-7d2f8f4f6f2a"],
+        ),
+    ] = None,
+) -> StreamState:
     """Apply one value, or a list applied in order, in one atomic update.
 
     A push to a stream that does not exist creates it with the server's default configuration
     (unless EMA_AUTO_CREATE is false). If any value is invalid, nothing is applied.
     """
-    return await store.push(name, push.samples())
+    state, replayed = await store.push(name, push.samples(), idempotency_key)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return state
+
+
+@router.get("/{name}/history", responses=_problems(404, 422))
+async def get_history(
+    name: StreamName,
+    store: StoreDep,
+    since: Annotated[
+        int, Query(ge=0, description="Only entries with a larger id (the stream's count).")
+    ] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="Most entries returned.")] = 1000,
+) -> HistoryPage:
+    """The stream's recent values, oldest first: kept when its configuration has `history`."""
+    return await store.history(name, since, limit)
 
 
 @router.get("", responses=_problems(422))

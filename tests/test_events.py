@@ -1,0 +1,186 @@
+"""Subscriptions over Server-Sent Events, through real service processes sharing one Redis."""
+
+import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from app.events import Lagged, Subscription
+from app.models import StreamConfig, StreamState
+from tests.redis_server import RedisServer
+from tests.reference import ReferenceEma
+from tests.service import ServiceProcess
+
+
+@pytest.fixture
+def replicas(
+    tmp_path: Path, redis_server: RedisServer, redis_client: "redis.Redis"
+) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+    env = {"REDIS_URL": redis_server.url, "EMA_KEY_PREFIX": "test:", "EMA_WORKERS": "1"}
+    first = ServiceProcess(tmp_path, **env, EMA_SSE_HEARTBEAT="0.2", EMA_MAX_SUBSCRIPTIONS="3")
+    second = ServiceProcess(tmp_path, **env)
+    yield first, second
+    first.kill()
+    second.kill()
+
+
+Event = tuple[str, str | None, dict[str, object]]
+
+
+class EventReader:
+    """Parses an SSE response into (event, id, data), skipping comments after noting them."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.lines = response.iter_lines()
+        self.comments: list[str] = []
+
+    def next(self) -> Event:
+        kind, event_id, data = "message", None, ""
+        for line in self.lines:
+            if line.startswith(":"):
+                self.comments.append(line)
+            elif line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("id: "):
+                event_id = line.removeprefix("id: ")
+            elif line.startswith("data: "):
+                data = line.removeprefix("data: ")
+            elif line == "" and data:
+                return kind, event_id, json.loads(data)
+        raise EOFError
+
+    def wait_subscribed(self) -> None:
+        for line in self.lines:
+            if line == ": subscribed":
+                return
+        raise EOFError
+
+
+@contextmanager
+def subscribe(url: str, headers: dict[str, str] | None = None) -> Iterator[EventReader]:
+    with httpx.stream("GET", url, headers=headers, timeout=10) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        reader = EventReader(response)
+        reader.wait_subscribed()
+        yield reader
+
+
+def test_subscriber_gets_every_update_in_order_through_any_replica(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    first, second = replicas
+    httpx.put(f"{first.url}/v1/streams/s", json={"decay": 0.9, "initial": 0})
+    reference = ReferenceEma(0.9, 0.0)
+    with subscribe(f"{first.url}/v1/streams/s/events") as events:
+        for i in range(60):
+            replica = (first, second)[i % 2]
+            value = float(i * i % 17)
+            reference.push(value)
+            response = httpx.post(f"{replica.url}/v1/streams/s/values", json={"value": value})
+            assert response.status_code == 200
+        for i in range(60):
+            kind, event_id, data = events.next()
+            assert (kind, event_id, data["count"]) == ("update", str(i + 1), i + 1)
+        assert data["value"] == reference.shadow
+        assert data["last"] == 16.0 * 0 + float(59 * 59 % 17)
+
+
+def test_prefix_subscription_sees_only_matching_streams(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    first, second = replicas
+    with subscribe(f"{first.url}/v1/events?prefix=cpu.") as events:
+        for name in ("cpu.a", "mem.a", "cpu.b", "cpux"):
+            httpx.post(f"{second.url}/v1/streams/{name}/values", json={"value": 1.0})
+        names = [events.next()[2]["name"] for _ in range(2)]
+    assert names == ["cpu.a", "cpu.b"]
+
+
+def test_reconnect_with_last_event_id_replays_the_gap(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    first, second = replicas
+    httpx.put(f"{first.url}/v1/streams/h", json={"decay": 0.5, "history": 100})
+    push = f"{second.url}/v1/streams/h/values"
+    with subscribe(f"{first.url}/v1/streams/h/events") as events:
+        httpx.post(push, json={"values": [1.0, 2.0]})
+        assert events.next()[1] == "2"
+    httpx.post(push, json={"value": 3.0})
+    httpx.post(push, json={"values": [4.0, 5.0]})
+    with subscribe(f"{first.url}/v1/streams/h/events", {"Last-Event-ID": "2"}) as events:
+        replayed = [events.next() for _ in range(3)]
+        assert [(e[1], e[2]["last"]) for e in replayed] == [("3", 3.0), ("4", 4.0), ("5", 5.0)]
+        httpx.post(push, json={"value": 6.0})
+        kind, event_id, data = events.next()
+        assert (kind, event_id, data["last"]) == ("update", "6", 6.0)
+
+
+def test_reconnect_past_the_history_is_told_what_it_missed(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    first, _ = replicas
+    httpx.put(f"{first.url}/v1/streams/h", json={"decay": 0.5, "history": 2})
+    httpx.post(f"{first.url}/v1/streams/h/values", json={"values": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    with subscribe(f"{first.url}/v1/streams/h/events", {"Last-Event-ID": "1"}) as events:
+        assert events.next() == ("lagged", None, {"missed": 2})
+        assert [events.next()[1] for _ in range(2)] == ["4", "5"]
+
+
+def test_idle_stream_sends_heartbeats(replicas: tuple[ServiceProcess, ServiceProcess]) -> None:
+    first, _ = replicas
+    with subscribe(f"{first.url}/v1/streams/quiet/events") as events:
+        for line in events.lines:
+            if line == ": keep-alive":
+                break
+
+
+def test_subscription_limit_gives_503(replicas: tuple[ServiceProcess, ServiceProcess]) -> None:
+    first, _ = replicas
+    url = f"{first.url}/v1/streams/s/events"
+    with subscribe(url), subscribe(url), subscribe(url):
+        refused = httpx.get(url)
+        assert refused.status_code == 503
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert "subscription limit" in refused.json()["detail"]
+
+
+def test_sigterm_ends_subscriptions_cleanly(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    first, _ = replicas
+    with subscribe(f"{first.url}/v1/streams/s/events") as events:
+        first.process.send_signal(signal.SIGTERM)
+        assert events.next() == ("shutdown", None, {})
+    assert first.process.wait(10) == 0
+
+
+def state(count: int) -> StreamState:
+    config = StreamConfig(decay=0.5)
+    return StreamState(
+        name="s", value=1.0, debiased=1.0, count=count, last=1.0, decay_used=0.5,
+        updated_at=0.0, config=config,
+    )  # fmt: skip
+
+
+def test_slow_subscriber_is_told_how_many_updates_it_lost() -> None:
+    subscription = Subscription("topic", is_pattern=False, queue_size=3)
+    for count in range(1, 8):
+        subscription.offer(state(count))
+    received = []
+    while not subscription.updates.empty():
+        item = subscription.updates.get_nowait()
+        received.append(item if isinstance(item, Lagged) else item.count if item else None)
+    # A full queue (3) becomes one Lagged counting what it held: at the 4th update the first 3
+    # are dropped; at the 6th, that Lagged(3) and updates 4 and 5 become Lagged(5).
+    assert received == [Lagged(5), 6, 7]
+    subscription.offer(Lagged(None))
+    subscription.offer(state(8))
+    subscription.offer(state(9))
+    subscription.offer(state(10))
+    assert subscription.updates.get_nowait() == Lagged(None)
