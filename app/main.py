@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 
 from app import __version__, errors
 from app.asgi import BodyLimit, JsonByDefault, PushFastPath
+from app.auth import ApiKeyAuth
 from app.embedded import EmbeddedRedis
 from app.events import EventHub
 from app.keys import KeyLayout
@@ -82,6 +83,11 @@ def _end_subscriptions_on_exit_signal(hub: EventHub) -> Iterator[None]:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    if not settings.api_keys:
+        log.warning(
+            "NO API KEYS CONFIGURED: anyone who can reach this service can read, write and "
+            "delete every stream. Set EMA_API_KEYS or EMA_API_KEYS_FILE (python -m app.auth)."
+        )
     embedded = None
     url = settings.redis_url
     if url is None:
@@ -140,6 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.fast_path:
         app.add_middleware(PushFastPath)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
     return app
 
 

@@ -2,10 +2,14 @@
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.auth import ApiKey
+
+_API_KEY_LIST = TypeAdapter(list[ApiKey])
 
 
 class Settings(BaseSettings):
@@ -61,6 +65,25 @@ class Settings(BaseSettings):
     workers: Annotated[int, Field(ge=1)] = Field(
         default_factory=lambda: len(os.sched_getaffinity(0))
     )
+
+    api_keys: tuple[ApiKey, ...] = Field(
+        default=(),
+        description="API keys, a JSON list of {name, sha256, scopes, prefixes}. None: open.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="A JSON file of more API keys, in the same form (a secret)."
+    )
+
+    @model_validator(mode="after")
+    def _read_api_keys_file(self) -> Self:
+        if self.api_keys_file is None:
+            return self
+        try:
+            listed = _API_KEY_LIST.validate_json(self.api_keys_file.read_bytes())
+        except OSError as error:
+            raise ValueError(f"api_keys_file: cannot read it ({error.strerror})") from None
+        merged = (*self.api_keys, *listed)
+        return self.model_copy(update={"api_keys": merged, "api_keys_file": None})
 
     @field_validator("key_prefix")
     @classmethod
