@@ -3,7 +3,7 @@
 With no REDIS_URL, the embedded redis-server is started here, once, and shared by the workers.
 """
 
-import logging
+import logging.config
 import os
 import signal
 import sys
@@ -11,12 +11,14 @@ import sys
 import uvicorn
 
 from app.embedded import EmbeddedRedis, EmbeddedRedisError
+from app.logs import logging_config
 from app.settings import Settings
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     settings = Settings()
+    log_config = logging_config(settings.log_level, settings.log_format)
+    logging.config.dictConfig(log_config)
     # uvicorn re-raises the SIGTERM it handled once it has shut down: exit normally then, so
     # that the embedded Redis below is stopped rather than orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -33,7 +35,7 @@ def main() -> None:
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
-            log_level="info",
+            log_config=log_config,
             access_log=False,
         )
     finally:

@@ -20,6 +20,7 @@ from app.auth import ApiKeyAuth
 from app.embedded import EmbeddedRedis
 from app.events import EventHub
 from app.keys import KeyLayout
+from app.logs import RequestLog
 from app.models import StreamConfig
 from app.routes import events, health, streams
 from app.settings import Settings
@@ -148,6 +149,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_keys:
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
+    if settings.access_log:
+        app.add_middleware(RequestLog)
     return app
 
 

@@ -2,7 +2,7 @@
 
 import os
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import AliasChoices, Field, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         default=True,
         description="Serve pushes by a lean ASGI path in front of the framework (same validation).",
     )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object per line; text: for humans."
+    )
+    access_log: bool = Field(default=True, description="Log one line per request.")
     data_dir: Path = Field(default=Path("data"), description="Embedded Redis data folder.")
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
