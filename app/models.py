@@ -4,12 +4,14 @@ from typing import Annotated, Any, Self
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from app.keys import NAME_RULE
 from app.scripts import Fields
@@ -17,6 +19,8 @@ from app.scripts import Fields
 # 1e15 keeps (1 + n) / (10 + n) exact in float64 with plenty to spare.
 MAX_NUM_UPDATES = 10**15
 MAX_HISTORY = 100_000
+# Counts, and the event and history ids made of them, stay exact integers in a Lua double.
+MAX_COUNT = 2**53
 
 
 class Model(BaseModel):
@@ -29,7 +33,15 @@ Decay = Annotated[
     float,
     Field(ge=0, le=1, description="Decay in [0, 1]: the weight the shadow keeps per update."),
 ]
-NumUpdates = Annotated[int, Field(ge=0, le=MAX_NUM_UPDATES)]
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema's integer includes 7.0: accept a float with no fractional part as an int.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+NumUpdates = Annotated[int, Field(ge=0, le=MAX_NUM_UPDATES), BeforeValidator(_integral)]
+HistoryCap = Annotated[int, Field(ge=0, le=MAX_HISTORY), BeforeValidator(_integral)]
 NUM_UPDATES_DOC = (
     "TensorFlow's num_updates (the training step), an integer in [0, 1e15]: the decay used is "
     "min(decay, (1 + num_updates) / (10 + num_updates)). Null or absent: the stream's decay, "
@@ -51,10 +63,8 @@ class StreamConfig(Model):
         description="Use the stream's own update count as num_updates when a push carries none.",
         examples=[False],
     )
-    history: int = Field(
+    history: HistoryCap = Field(
         default=0,
-        ge=0,
-        le=MAX_HISTORY,
         description="Keep the newest this many (time, raw, smoothed) entries; 0 keeps none.",
         examples=[1000],
     )
@@ -83,13 +93,23 @@ class Push(Model):
     """A push: one `value` (with its optional `num_updates`), or a list of `values` applied in
     order in one atomic update, where one bad element applies none."""
 
-    value: float | None = Field(default=None, description="A finite number.", examples=[5.0])
+    # The schema says what the validator below enforces: exactly one of value and values, and
+    # num_updates only beside value.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [{"required": ["value"]}, {"required": ["values"]}],
+            "not": {"required": ["values", "num_updates"]},
+        }
+    )
+
+    value: float | SkipJsonSchema[None] = Field(
+        default=None, description="A finite number.", examples=[5.0]
+    )
     num_updates: NumUpdates | None = Field(
         default=None, description=NUM_UPDATES_DOC, examples=[10000]
     )
-    values: list[BatchItem] | None = Field(
+    values: Annotated[list[BatchItem], Field(min_length=1)] | SkipJsonSchema[None] = Field(
         default=None,
-        min_length=1,
         description="Numbers, or objects with value and num_updates, applied in order.",
         examples=[[1.5, 2.0, {"value": 10.0, "num_updates": 7}]],
     )

@@ -4,9 +4,10 @@ import base64
 import binascii
 import hashlib
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -22,8 +23,19 @@ _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "
 _SCAN_COUNT = 500
 _SCAN_CALLS = 64
 _VALID_NAME = re.compile(NAME_PATTERN)
-_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 IDEMPOTENCY_KEY_RULE = "1 to 255 visible ASCII characters"
+
+
+class StoreObserver(Protocol):
+    """What the store reports as it talks to Redis (app.metrics.Metrics listens)."""
+
+    def script_ran(self, seconds: float) -> None: ...
+
+    def applied(self, values: int) -> None: ...
+
+    def redis_error(self, kind: str) -> None: ...
 
 
 class StreamStore:
@@ -39,6 +51,7 @@ class StreamStore:
         idempotency_seconds: int = 86_400,
         announce: bool = True,
         retry_after: int = 1,
+        observer: StoreObserver | None = None,
     ) -> None:
         """`defaults` configures streams created by a push; None makes such a push a 404.
         `announce` publishes every update for subscribers."""
@@ -56,6 +69,7 @@ class StreamStore:
         self._idempotency_seconds = idempotency_seconds
         self._announce = announce
         self._retry_after = retry_after
+        self._observer = observer
 
     @asynccontextmanager
     async def _errors(self) -> AsyncIterator[None]:
@@ -63,6 +77,7 @@ class StreamStore:
             yield
         except (redis_errors.ConnectionError, redis_errors.TimeoutError) as error:
             # Includes BusyLoadingError. A timed-out write may still have been applied.
+            self._report_error(_error_kind(error))
             raise StoreUnavailable(
                 f"Redis is unavailable ({type(error).__name__}); a write that timed out may "
                 "or may not have been applied",
@@ -71,10 +86,17 @@ class StreamStore:
         except redis_errors.ResponseError as error:
             message = str(error)
             if message.startswith(_TRANSIENT_REPLIES):
+                self._report_error(message.split()[0].lower())
                 raise StoreUnavailable(
                     f"Redis is unavailable ({message.split()[0]})", retry_after=self._retry_after
                 ) from error
+            if not message.startswith("EMA_"):  # the push script's own refusals are not
+                self._report_error("error")
             raise
+
+    def _report_error(self, kind: str) -> None:
+        if self._observer is not None:
+            self._observer.redis_error(kind)
 
     async def ping(self) -> None:
         async with self._errors():
@@ -140,6 +162,7 @@ class StreamStore:
                 _fingerprint(samples),
                 self._idempotency_seconds,
             )
+        started = time.perf_counter()
         try:
             async with self._errors():
                 fields, replayed = await self._scripts.push(
@@ -160,7 +183,24 @@ class StreamStore:
                     "Idempotency-Key: already used for a different push to this stream"
                 ) from error
             raise
+        finally:
+            if self._observer is not None:
+                self._observer.script_ran(time.perf_counter() - started)
+        if self._observer is not None and not replayed:
+            self._observer.applied(len(samples))
         return StreamState.from_fields(name, fields), replayed
+
+    async def states(self, names: Sequence[str]) -> list[StreamState]:
+        """The states of those of `names` that exist, in one round trip."""
+        async with self._errors(), self._client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hmget(self._layout.stream(name), STATE_FIELDS)
+            replies = await pipe.execute()
+        return [
+            StreamState.from_fields(name, fields)
+            for name, fields in zip(names, replies, strict=True)
+            if fields[0] is not None
+        ]
 
     async def history(self, name: str, since: int, limit: int) -> HistoryPage:
         """The oldest `limit` history entries with an id (count) above `since`."""
@@ -215,6 +255,14 @@ class StreamStore:
                 if len(names) == limit:
                     break
         return StreamPage(streams=names, next_cursor=_encode_cursor(scan_cursor, ""))
+
+
+def _error_kind(error: Exception) -> str:
+    if isinstance(error, redis_errors.TimeoutError):
+        return "timeout"
+    if isinstance(error, redis_errors.BusyLoadingError):
+        return "loading"
+    return "connection"
 
 
 def _fingerprint(samples: Sequence[tuple[float, int | None]]) -> str:

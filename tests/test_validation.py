@@ -52,7 +52,7 @@ BAD_PUSHES = {
     "num_updates with values": b'{"values": [1], "num_updates": 3}',
     "negative num_updates": b'{"value": 1, "num_updates": -1}',
     "fractional num_updates": b'{"value": 1, "num_updates": 1.5}',
-    "float num_updates": b'{"value": 1, "num_updates": 7.0}',
+    "float num_updates": b'{"value": 1, "num_updates": 7.5e0}',
     "string num_updates": b'{"value": 1, "num_updates": "7"}',
     "too large num_updates": b'{"value": 1, "num_updates": 1000000000000001}',
     "unknown field": b'{"value": 1, "weight": 2}',
@@ -77,6 +77,16 @@ async def test_bad_push_is_422_and_changes_nothing(
         assert problem["status"] == 422
         assert problem["detail"]
     assert snapshot(redis_client) == before
+
+
+async def test_integral_floats_are_integers(client: httpx.AsyncClient) -> None:
+    # JSON Schema's "integer" admits 7.0, and so does the API.
+    put = await client.put("/v1/streams/i", json={"decay": 0.99, "history": 10.0})
+    assert put.json()["config"]["history"] == 10
+    state = (
+        await client.post("/v1/streams/i/values", json={"value": 1, "num_updates": 7.0})
+    ).json()
+    assert state["decay_used"] == (1 + 7) / (10 + 7)
 
 
 async def test_overflowing_update_is_422_and_changes_nothing(

@@ -12,7 +12,7 @@ from app.deps import HubDep, SettingsDep, StoreDep, StreamName
 from app.errors import StoreUnavailable, StreamNotFound, problem_responses
 from app.events import EventHub, Lagged, Subscription
 from app.keys import NAME_MAX_LENGTH
-from app.models import StreamState
+from app.models import MAX_COUNT, StreamState
 from app.store import StreamStore
 
 router = APIRouter(tags=["events"])
@@ -130,6 +130,7 @@ async def stream_events(
         int | None,
         Header(
             ge=0,
+            le=MAX_COUNT,
             description="The id of the last event received: what was missed since is replayed "
             "from the stream's history, or announced as a `lagged` event.",
         ),

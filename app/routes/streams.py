@@ -7,8 +7,8 @@ from fastapi import APIRouter, Header, Query, Response, status
 from app.deps import StoreDep, StreamName
 from app.errors import problem_responses as _problems
 from app.keys import NAME_MAX_LENGTH
-from app.models import HistoryPage, Push, StreamConfig, StreamPage, StreamState
-from app.store import IDEMPOTENCY_KEY_RULE
+from app.models import MAX_COUNT, HistoryPage, Push, StreamConfig, StreamPage, StreamState
+from app.store import IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_KEY_RULE
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"])
 
@@ -48,6 +48,7 @@ async def push_values(
     idempotency_key: Annotated[
         str | None,
         Header(
+            pattern=IDEMPOTENCY_KEY_PATTERN,
             description="Makes the push safe to retry: a push with a key already used for this "
             "stream (within EMA_IDEMPOTENCY_SECONDS) is not applied again and gets the original "
             f"result, marked `Idempotent-Replayed: true`. {IDEMPOTENCY_KEY_RULE}.",
@@ -71,7 +72,10 @@ async def get_history(
     name: StreamName,
     store: StoreDep,
     since: Annotated[
-        int, Query(ge=0, description="Only entries with a larger id (the stream's count).")
+        int,
+        Query(
+            ge=0, le=MAX_COUNT, description="Only entries with a larger id (the stream's count)."
+        ),
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000, description="Most entries returned.")] = 1000,
 ) -> HistoryPage:
