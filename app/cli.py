@@ -38,7 +38,6 @@ from app.client import (
     AsyncClient,
     Client,
     EmaError,
-    Lagged,
     NotFound,
     State,
     Update,
@@ -298,15 +297,19 @@ async def _changes(
     by polling."""
     if not args.poll and await _has_events(ema):
         since = None if current is None else str(current.count)
+        shown = -1
         async with ema.subscribe(args.name, last_event_id=since) as events:
             async for event in events:
-                if isinstance(event, Update):
-                    yield Reading.of(event)
-                elif isinstance(event, Lagged):
+                reading = (
+                    Reading.of(event)
+                    if isinstance(event, Update)
                     # Updates were skipped: show where the stream is now.
-                    fresh = await _current(ema, args.name, display)
-                    if fresh is not None:
-                        yield fresh
+                    else await _current(ema, args.name, display)
+                )
+                # After a catch-up read, the events it already covers are old news.
+                if reading is not None and reading.count > shown:
+                    shown = reading.count
+                    yield reading
         return
     seen = None if current is None else current.count
     while True:
