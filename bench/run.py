@@ -1,0 +1,519 @@
+"""Benchmark the EMA service against a bare-ASGI floor and the Redis ceiling, in one run.
+
+    .venv/bin/python bench/run.py [--quick] [--duration SECONDS] [--rounds N]
+
+Starts a private redis-server (no persistence) on a free port, the service (`python -m app`)
+with its push fast path and without it, and the floor (bench/floor.py), each with one uvicorn
+worker per core. Then, workload by workload, it measures the Redis ceiling (redis-benchmark
+replaying the service's own EVALSHA of app/lua/push.lua), the floor and the service in
+interleaved rounds, so that the ratios compare figures taken moments apart on a noisy machine,
+and prints one markdown table. See bench/README.md.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from capture import PushCall, Template, push_call, read_template, watch
+from loadgen import RedisBenchmark, Result, WrkLoad, missing_tools
+from servers import BenchError, Group, HttpServer, RedisServer, stop_all
+
+ROOT = Path(__file__).resolve().parent.parent
+PUSH_LUA = ROOT / "app" / "lua" / "push.lua"
+STREAMS = 16  # stream names s000000000000.. s000000000015, as redis-benchmark's -r 16 makes them
+RANDOM_NAME = "s__rand_int__"  # what redis-benchmark -r turns into those names
+PIPELINE = 32
+
+
+def stream_name(index: int) -> str:
+    return f"s{index:012d}"
+
+
+def batch_values(size: int) -> list[float]:
+    """Deterministic, varied values with short decimal forms (1.0 .. 10.99)."""
+    return [1 + (i * 37 % 1000) / 100 for i in range(size)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    label: str
+    batch: int  # values per request; 0 for a read
+
+    def body(self) -> dict[str, object]:
+        if self.batch == 1:
+            return {"value": 1.5}
+        return {"values": batch_values(self.batch)}
+
+    def values(self) -> list[str]:
+        """The values of `body` as the service passes them to push.lua."""
+        return [repr(value) for value in ([1.5] if self.batch == 1 else batch_values(self.batch))]
+
+
+PUSH = Workload("push 1 value", 1)
+GET = Workload("GET", 0)
+BATCH_100 = Workload("push batch of 100", 100)
+BATCH_1000 = Workload("push batch of 1,000", 1000)
+WORKLOADS = (PUSH, GET, BATCH_100, BATCH_1000)
+
+SERVICE = "service"
+NO_FAST_PATH = "service, EMA_FAST_PATH=false"
+FLOOR = "floor (bench/floor.py)"
+CEILING = "ceiling (redis-benchmark)"
+TARGETS = (SERVICE, NO_FAST_PATH, FLOOR, CEILING)
+
+
+@dataclass
+class Figure:
+    """One figure of the table: every round of one target on one workload."""
+
+    target: str
+    workload: Workload
+    label: str
+    pipeline: int = 1
+    results: list[Result] = field(default_factory=list)
+    app_cpu: float = 0.0  # seconds, all rounds: the HTTP server's processes, workers included
+    redis_cpu: float = 0.0  # seconds, all rounds: redis-server
+
+    def rates(self) -> list[float]:
+        """Per round: requests/s, or values/s for batches."""
+        return [r.calls_per_second * max(self.workload.batch, 1) for r in self.results]
+
+    @property
+    def throughput(self) -> float:
+        return statistics.median(self.rates())
+
+    @property
+    def spread(self) -> float:
+        """Half the range of the rounds, relative to the median."""
+        rates = self.rates()
+        return (max(rates) - min(rates)) / 2 / self.throughput
+
+    def per_call_us(self, cpu_seconds: float) -> float:
+        return cpu_seconds * 1e6 / max(sum(r.calls for r in self.results), 1)
+
+    @property
+    def unit(self) -> str:
+        if self.workload.batch > 1:
+            return "values/s"
+        return "calls/s" if self.target == CEILING else "req/s"
+
+
+@dataclass
+class Job:
+    """How to warm up for, and take one round of, a figure."""
+
+    figure: Figure
+    warm: Callable[[], None]
+    measure: Callable[[], Result]
+    app: Group | None
+    check: Callable[[Result], Result] = lambda result: result
+
+
+class Bench:
+    """The processes under test and the figures measured on them."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack):
+        self.args = args
+        self.workdir = workdir
+        self.workers = len(os.sched_getaffinity(0))
+        self.wrk = WrkLoad(args.threads, args.connections)
+        self.figures: list[Figure] = []
+        self.warmed: set[str] = set()
+        self.servers: dict[str, HttpServer] = {}
+        # Callbacks run last first: the HTTP servers stop (together), then redis-server.
+        self.version = app_version()
+        progress("starting redis-server and the service, with and without the fast path")
+        self.redis = RedisServer(workdir)
+        stack.callback(self.redis.stop)
+        stack.callback(lambda: stop_all(list(self.servers.values())))
+        self.redis.wait_ready()
+        with self.redis.client() as client:
+            self.sha = str(client.script_load(PUSH_LUA.read_text(encoding="utf-8")))
+        self.ceiling = RedisBenchmark(self.redis.port, args.connections, STREAMS)
+        for target in (SERVICE, NO_FAST_PATH):
+            self._http_server(target)
+        for server in self.servers.values():
+            server.wait_ready()
+        self.push_call, self.read_call = self._capture(self.servers[SERVICE])
+        progress("starting the floor")
+        self._http_server(FLOOR).wait_ready()
+        self.bodies = {}
+        for index, workload in enumerate(WORKLOADS):
+            self.bodies[workload] = path = workdir / f"body-{index}.json"
+            path.write_text(json.dumps(workload.body()))
+
+    def _capture(self, service: HttpServer) -> tuple[PushCall, Template]:
+        """The EVALSHA the service sends for a push and the command it sends for a GET."""
+        name, values = stream_name(0), (12.375, 23.625)
+        pushed = watch(self.redis.port, lambda: http_json(service.url, name, {"values": values}))
+        push = push_call(pushed, name, (repr(values[0]), repr(values[1])))
+        if push.head.argv[1] != self.sha:
+            raise BenchError(f"the service runs script {push.head.argv[1]}, not {PUSH_LUA}")
+        read = read_template(watch(self.redis.port, lambda: http_json(service.url, name)), name)
+        return push, read
+
+    def _http_server(self, target: str) -> HttpServer:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EMA_") and k != "REDIS_URL"}
+        env |= {"REDIS_URL": self.redis.url, "PYTHONUNBUFFERED": "1"}
+        if target == FLOOR:
+            env |= {
+                "BENCH_NAME": self.push_call.head.name,
+                "BENCH_PUSH": json.dumps(self.push_call.head.argv),
+                "BENCH_PER_VALUE": json.dumps(self.push_call.per_value),
+                "BENCH_READ": json.dumps(self.read_call.argv),
+            }
+            argv = [
+                sys.executable, "-m", "uvicorn", "--app-dir", "bench", "floor:app",
+                "--host", "127.0.0.1", "--port", "{port}", "--workers", str(self.workers),
+                "--no-access-log", "--log-level", "info",
+            ]  # fmt: skip
+        else:
+            argv = [sys.executable, "-m", "app"]
+            env |= {
+                "EMA_HOST": "127.0.0.1",
+                "EMA_PORT": "{port}",
+                "EMA_WORKERS": str(self.workers),
+                "EMA_FAST_PATH": "false" if target == NO_FAST_PATH else "true",
+            }
+        log = self.workdir / f"server-{len(self.servers)}.log"
+        self.servers[target] = server = HttpServer(target, argv, env, ROOT, log)
+        return server
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Empty Redis, then create the streams by pushing one value to each, as the service
+        would (so that GETs find them)."""
+        with self.redis.client() as client:
+            client.flushall()
+            pipe = client.pipeline(transaction=False)
+            for index in range(STREAMS):
+                pipe.execute_command(*self.push_call.bind(stream_name(index), ["1.0"]))
+            pipe.execute()
+
+    def applied(self) -> int:
+        """Values applied to all the streams so far (the sum of their counts, field n)."""
+        with self.redis.client() as client:
+            pipe = client.pipeline(transaction=False)
+            for index in range(STREAMS):
+                pipe.hget(self.push_call.head.bind(stream_name(index))[3], "n")
+            return sum(int(n or 0) for n in pipe.execute())
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def http_job(self, target: str, workload: Workload) -> Job:
+        server = self.servers[target]
+        if workload.batch:
+            script, args = "post.lua", [str(STREAMS), str(self.bodies[workload])]
+        else:
+            script, args = "get.lua", [str(STREAMS)]
+
+        def warm() -> None:
+            http_json(server.url, stream_name(0), workload.body() if workload.batch else None)
+            # A server's first figure always warms up (connection pools, first calls).
+            seconds = self.args.warmup if target in self.warmed else max(self.args.warmup, 1)
+            self.warmed.add(target)
+            if seconds:
+                self.wrk.run(server.url, script, args, seconds)
+
+        def measure() -> Result:
+            result = self.wrk.run(server.url, script, args, self.args.duration)
+            if not server.running():
+                raise BenchError(f"{target} died during the run:\n{server.log_tail()}")
+            return result
+
+        return Job(Figure(target, workload, workload.label), warm, measure, server)
+
+    def ceiling_job(self, workload: Workload, pipeline: int = 1) -> Job:
+        if workload.batch:
+            command = self.push_call.bind(RANDOM_NAME, workload.values())
+            label = f"EVALSHA push.lua, {workload.batch:,} value" + "s" * (workload.batch > 1)
+        else:
+            command = self.read_call.bind(RANDOM_NAME)
+            label = f"the GET's {command[0]}"
+        if pipeline > 1:
+            label += f", pipelined -P {pipeline}"
+        calls = 0
+        before = 0
+
+        def warm() -> None:
+            nonlocal calls
+            rate = self.ceiling.calibrate(command, pipeline, self.args.warmup)
+            calls = max(4 * self.args.connections * pipeline, int(rate * self.args.duration))
+
+        def measure() -> Result:
+            nonlocal before
+            before = self.applied()
+            return self.ceiling.run(command, calls, pipeline)
+
+        def check(result: Result) -> Result:
+            # redis-benchmark does not count error replies: check that every call applied.
+            if not workload.batch:
+                return result
+            missing = result.calls - (self.applied() - before) // workload.batch
+            return dataclasses.replace(result, errors=max(0, missing))
+
+        return Job(Figure(CEILING, workload, label, pipeline), warm, measure, None, check)
+
+    def jobs(self, workload: Workload) -> list[Job]:
+        jobs = [self.ceiling_job(workload)]
+        if workload is PUSH:
+            jobs.append(self.ceiling_job(workload, PIPELINE))
+        jobs += [self.http_job(FLOOR, workload), self.http_job(SERVICE, workload)]
+        if workload is not GET:  # the fast path serves pushes only
+            jobs.append(self.http_job(NO_FAST_PATH, workload))
+        return jobs
+
+    def run(self) -> None:
+        for workload in WORKLOADS:
+            jobs = self.jobs(workload)
+            for job in jobs:
+                progress(f"warming up: {job.figure.target}: {job.figure.label}")
+                self.reset()
+                job.warm()
+            for round_ in range(1, self.args.rounds + 1):
+                progress(f"{workload.label}: round {round_} of {self.args.rounds}")
+                for job in jobs:
+                    self.reset()
+                    self._round(job)
+            self.figures += [job.figure for job in jobs]
+
+    def _round(self, job: Job) -> None:
+        """One round, charged the CPU used meanwhile by redis-server and by the job's app."""
+        app_before = job.app.cpu_seconds() if job.app else 0.0
+        redis_before = self.redis.cpu_seconds()
+        result = job.measure()
+        job.figure.redis_cpu += self.redis.cpu_seconds() - redis_before
+        if job.app:
+            job.figure.app_cpu += job.app.cpu_seconds() - app_before
+        job.figure.results.append(job.check(result))
+
+
+def http_json(url: str, name: str, body: object = None) -> None:
+    """One request by hand (a push if `body`, else a GET): a target that does not work fails
+    loudly here, not as a rate of errors."""
+    if body is None:
+        request = urllib.request.Request(f"{url}/v1/streams/{name}")
+    else:
+        request = urllib.request.Request(
+            f"{url}/v1/streams/{name}/values",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            state = json.load(response)
+    except OSError as error:
+        raise BenchError(f"{request.get_method()} {request.full_url}: {error}") from error
+    if not isinstance(state, dict) or state.get("name") != name:
+        raise BenchError(f"{request.get_method()} {request.full_url}: unexpected reply {state}")
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+COLUMNS = (
+    "target",
+    "workload",
+    "throughput (median)",
+    "±",
+    "p50 ms",
+    "p99 ms",
+    "÷ floor",
+    "÷ ceiling",
+    "app CPU µs/req",
+    "÷ floor by CPU",
+    "Redis CPU µs/req",
+    "errors",
+)
+
+
+def find(figures: list[Figure], target: str, workload: Workload) -> Figure | None:
+    matches = (f for f in figures if f.target == target and f.workload is workload)
+    return next((f for f in matches if f.pipeline == 1), None)
+
+
+def table(figures: list[Figure]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * (len(COLUMNS) - 2)]
+
+    def order(figure: Figure) -> tuple[int, int, int]:
+        return TARGETS.index(figure.target), WORKLOADS.index(figure.workload), figure.pipeline
+
+    for figure in sorted(figures, key=order):
+        floor = find(figures, FLOOR, figure.workload)
+        ceiling = find(figures, CEILING, figure.workload)
+        app_us = figure.per_call_us(figure.app_cpu) if figure.target != CEILING else None
+
+        def versus(other: Figure | None, figure: Figure = figure) -> str:
+            if other is None or figure.target in (other.target, CEILING):
+                return ""
+            return f"{figure.throughput / other.throughput:.2f}"
+
+        by_cpu = ""
+        if floor is not None and app_us and figure.target not in (FLOOR, CEILING):
+            by_cpu = f"{floor.per_call_us(floor.app_cpu) / app_us:.2f}"
+        cells = [
+            figure.target,
+            figure.label,
+            f"{figure.throughput:,.0f} {figure.unit}",
+            f"{figure.spread:.0%}" if len(figure.results) > 1 else "",
+            f"{statistics.median(r.p50_ms for r in figure.results):.2f}",
+            f"{statistics.median(r.p99_ms for r in figure.results):.2f}",
+            versus(floor),
+            versus(ceiling),
+            "" if app_us is None else f"{app_us:,.0f}",
+            by_cpu,
+            f"{figure.per_call_us(figure.redis_cpu):,.1f}",
+            str(sum(r.errors for r in figure.results)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def preamble(bench: Bench, started: float, load_before: str) -> str:
+    args, workers = bench.args, bench.workers
+    redis_version = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True, check=False
+    ).stdout.split()[2:3]
+    return "\n".join(
+        [
+            f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
+            f"- command: `{shlex.join(['.venv/bin/python', 'bench/run.py', *sys.argv[1:]])}`",
+            f"- nproc: {workers} (uvicorn workers per server: {workers}); "
+            f"Python {platform.python_version()}; redis-server {''.join(redis_version)}",
+            f"- app measured: commit {bench.version}",
+            f"- {args.rounds} interleaved round(s) of {args.duration}s per figure, after "
+            f"{args.warmup}s of warmup (at least 1s for a server's first figure); "
+            f"wrk -t{args.threads} -c{args.connections}; redis-benchmark -c {args.connections} "
+            f"-r {STREAMS}; {STREAMS} stream names",
+            "- the service's push as sent to Redis (seen by MONITOR), replayed by the floor and "
+            f"redis-benchmark: `{bench.push_call.show()}`; "
+            f"its GET: `{bench.read_call.show()}`",
+            f"- load average before / after: {load_before} / {loadavg()}; "
+            f"run took {time.monotonic() - started:.0f}s",
+        ]
+    )
+
+
+def app_version() -> str:
+    """The commit the service runs, and whether app/ differs from it (others may be editing)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("log", "-1", "--format=%h (%ci)")
+    if not commit:
+        return "unknown (not a git checkout)"
+    dirty = git("status", "--porcelain", "app")
+    return commit + (" + uncommitted changes to app/" if dirty else "")
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+_STARTED = time.monotonic()
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.monotonic() - _STARTED:5.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run: one round, no warmup but a server's first",
+    )
+    parser.add_argument("--duration", type=int, help="seconds per measurement (default 2)")
+    parser.add_argument(
+        "--rounds", type=int, help="measurements per figure, interleaved (default 3, quick 1)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, help="seconds of warmup before each figure (default 1, quick 0)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=32,
+        help="wrk connections and redis-benchmark clients (default 32)",
+    )
+    args = parser.parse_args()
+    for name, default, quick in (("duration", 2, 2), ("rounds", 3, 1), ("warmup", 1, 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
+    if min(args.duration, args.rounds, args.threads) < 1 or args.warmup < 0:
+        parser.error("--duration, --rounds and --threads must be >= 1, --warmup >= 0")
+    if args.connections < args.threads:
+        parser.error("--connections must be >= --threads")
+    return args
+
+
+@contextlib.contextmanager
+def signals_exit() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C does, so that every child is stopped."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def main() -> int:
+    args = parse_args()
+    if problems := missing_tools():
+        print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr)
+        return 2
+    started, load_before = time.monotonic(), loadavg()
+    try:
+        with (
+            signals_exit(),
+            tempfile.TemporaryDirectory(prefix="ema-bench-") as tmp,
+            contextlib.ExitStack() as stack,
+        ):
+            bench = Bench(args, Path(tmp), stack)
+            bench.run()
+            progress("done; stopping the servers")
+        print(preamble(bench, started, load_before))
+        print()
+        print(table(bench.figures))
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; every child process was stopped", file=sys.stderr)
+        return 130
+    except SystemExit:
+        print("terminated by a signal; every child process was stopped", file=sys.stderr)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The processes under test: a private redis-server and uvicorn-served HTTP apps on free loopback
+ports, each in its own process group so that it and all its workers can be stopped together, and
+the CPU time they use."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import redis
+
+HOST = "127.0.0.1"
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """A failure the user is told about in one line, after everything has been cleaned up."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class Group:
+    """A child process started as the leader of a new process group (its own session)."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.log = log
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                cwd=cwd,
+            )
+        self.pgid = self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of every live process in the group (workers included)."""
+        return _group_cpu_seconds(self.pgid)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        stop_all([self], timeout)
+
+
+def stop_all(groups: Sequence[Group], timeout: float = 10.0) -> None:
+    """SIGTERM every group at once, then SIGKILL whatever is left after `timeout`."""
+    try:
+        for group in groups:
+            _signal_group(group.pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for group in groups:
+            while time.monotonic() < deadline and (group.running() or _group_alive(group.pgid)):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    group.process.wait(0.05)
+    finally:
+        # Also reached on a second Ctrl-C during the graceful stop: nothing is left behind.
+        for group in groups:
+            if _group_alive(group.pgid):
+                _signal_group(group.pgid, signal.SIGKILL)
+            group.process.wait()
+
+
+class RedisServer(Group):
+    """redis-server with persistence off, for the benchmark alone."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        super().__init__(
+            "redis-server",
+            [
+                "redis-server",
+                "--port", str(self.port),
+                "--bind", HOST,
+                "--dir", str(directory),
+                "--save", "",
+                "--appendonly", "no",
+                "--logfile", "",
+            ],
+            directory / "redis-server.log",
+        )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def client(self) -> "redis.Redis":
+        return redis.Redis(host=HOST, port=self.port, decode_responses=True)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise BenchError(f"redis-server exited early:\n{self.log_tail()}")
+            try:
+                with self.client() as client:
+                    client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise BenchError(f"redis-server did not answer on port {self.port} in {timeout}s")
+
+
+class HttpServer(Group):
+    """An HTTP app on a free port; ready once GET /healthz answers 200."""
+
+    def __init__(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path
+    ) -> None:
+        self.port = free_port()
+        argv = [part.replace("{port}", str(self.port)) for part in argv]
+        env = {key: value.replace("{port}", str(self.port)) for key, value in env.items()}
+        super().__init__(name, argv, log, env=env, cwd=cwd)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise BenchError(f"{self.name} exited early:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} did not answer on {self.url} in {timeout}s")
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_cpu_seconds(pgid: int) -> float:
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command, which is in parentheses and may hold spaces: field 3 (state)
+        # is rest[0], so pgrp (5) is rest[2], utime (14) rest[11] and stime (15) rest[12].
+        rest = stat[stat.rindex(")") + 2 :].split()
+        if int(rest[2]) == pgid:
+            ticks += int(rest[11]) + int(rest[12])
+    return ticks / _TICKS_PER_SECOND
