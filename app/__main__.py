@@ -12,6 +12,7 @@ import uvicorn
 
 from app.embedded import EmbeddedRedis, EmbeddedRedisError
 from app.logs import logging_config
+from app.metrics import multiprocess_directory, remove_multiprocess_directory
 from app.settings import Settings
 
 
@@ -29,6 +30,7 @@ def main() -> None:
             os.environ["REDIS_URL"] = embedded.start()
         except EmbeddedRedisError as error:
             sys.exit(f"error: {error}")
+    metrics_directory = multiprocess_directory(settings.workers)  # before workers start
     try:
         uvicorn.run(
             "app.main:app",
@@ -39,6 +41,7 @@ def main() -> None:
             access_log=False,
         )
     finally:
+        remove_multiprocess_directory(metrics_directory)
         if embedded is not None:
             embedded.stop()
 

@@ -6,6 +6,7 @@ from fastapi import Depends, Path, Request
 
 from app.events import EventHub
 from app.keys import NAME_MAX_LENGTH, NAME_PATTERN, NAME_RULE
+from app.metrics import Metrics
 from app.settings import Settings
 from app.store import StreamStore
 
@@ -20,6 +21,11 @@ def _hub(request: Request) -> EventHub:
     return hub
 
 
+def _metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
 def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
@@ -28,6 +34,7 @@ def _settings(request: Request) -> Settings:
 StoreDep = Annotated[StreamStore, Depends(_store)]
 HubDep = Annotated[EventHub, Depends(_hub)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
 StreamName = Annotated[
     str,
     Path(

@@ -21,8 +21,9 @@ from app.embedded import EmbeddedRedis
 from app.events import EventHub
 from app.keys import KeyLayout
 from app.logs import RequestLog
+from app.metrics import Metrics, RequestMetrics
 from app.models import StreamConfig
-from app.routes import events, health, streams
+from app.routes import events, health, metrics, streams, ui
 from app.settings import Settings
 from app.store import StreamStore
 
@@ -110,6 +111,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         idempotency_seconds=settings.idempotency_seconds,
         announce=settings.events,
         retry_after=settings.retry_after,
+        observer=app.state.metrics,
     )
     app.state.hub = hub = EventHub(
         client,
@@ -124,6 +126,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await hub.close()
         await client.aclose()
+        app.state.metrics.close()
         if embedded is not None:
             await anyio.to_thread.run_sync(embedded.stop)
 
@@ -142,6 +145,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(streams.router)
     app.include_router(events.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(ui.router)
+    app.mount("/static", ui.static_files(), name="static")
     # Added innermost first: the body limit sees every request before anything reads a body.
     app.add_middleware(JsonByDefault)
     if settings.fast_path:
@@ -151,6 +157,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
     if settings.access_log:
         app.add_middleware(RequestLog)
+    # Outermost: counts every request, those the fast path and the auth layer answer included.
+    app.state.metrics = Metrics(
+        stream_prefixes=settings.metrics_prefixes, max_streams=settings.metrics_max_streams
+    )
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     return app
 
 

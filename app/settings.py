@@ -1,6 +1,7 @@
 """Every setting of the service, read from the environment once and validated."""
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -8,6 +9,7 @@ from pydantic import AliasChoices, Field, TypeAdapter, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.auth import ApiKey
+from app.keys import NAME_PATTERN, NAME_RULE
 
 _API_KEY_LIST = TypeAdapter(list[ApiKey])
 
@@ -63,6 +65,14 @@ class Settings(BaseSettings):
         default="json", description="json: one JSON object per line; text: for humans."
     )
     access_log: bool = Field(default=True, description="Log one line per request.")
+    metrics_stream_prefixes: str = Field(
+        default="",
+        description="Streams whose values /metrics exports: comma-separated name prefixes, "
+        "`*` for every stream; empty: none.",
+    )
+    metrics_max_streams: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        default=1000, description="Most streams one scrape of /metrics exports."
+    )
     data_dir: Path = Field(default=Path("data"), description="Embedded Redis data folder.")
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -89,6 +99,21 @@ class Settings(BaseSettings):
             raise ValueError(f"api_keys_file: cannot read it ({error.strerror})") from None
         merged = (*self.api_keys, *listed)
         return self.model_copy(update={"api_keys": merged, "api_keys_file": None})
+
+    @property
+    def metrics_prefixes(self) -> tuple[str, ...]:
+        """metrics_stream_prefixes as a tuple; `*` is "" (every name starts with it)."""
+        parts = self.metrics_stream_prefixes.split(",") if self.metrics_stream_prefixes else []
+        return tuple("" if part == "*" else part for part in parts)
+
+    @field_validator("metrics_stream_prefixes")
+    @classmethod
+    def _stream_name_prefixes(cls, value: str) -> str:
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        for part in parts:
+            if part != "*" and not re.fullmatch(NAME_PATTERN, part):
+                raise ValueError(f"{part!r}: not `*` nor a stream-name prefix ({NAME_RULE})")
+        return ",".join(parts)
 
     @field_validator("key_prefix")
     @classmethod

@@ -1,0 +1,326 @@
+"""Prometheus metrics: the service's own, in a registry of its own per app, and the current
+values of chosen streams, read from Redis when `/metrics` is scraped.
+
+Names follow Prometheus' conventions: the `ema_` namespace, base units (seconds), `_total` on
+counters. Request metrics are labelled by route *template* (`/v1/streams/{name}/values`), never
+by the raw path, so that their number of series is bounded by the routes, not by the streams.
+
+With several worker processes each keeps its values in files in `PROMETHEUS_MULTIPROC_DIR`
+(prometheus-client's multiprocess mode, which `python -m app` sets up): a scrape, whichever
+worker answers it, adds up every worker's.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+import anyio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import StoreUnavailable
+from app.models import StreamState
+from app.store import StreamStore
+
+MULTIPROC_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
+UNMATCHED: Final = "unmatched"  # the route label of a path no route serves (a 404)
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+_HTTP_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_SCRIPT_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_SCRIPT_BUCKETS_SLOW: Final = (0.25, 0.5, 1, 2.5, 5)
+_PAGE: Final = 1000  # names per listing page and states per pipelined read, at scrape time
+
+
+def multiprocess_directory(workers: int) -> str | None:
+    """For several worker processes, a fresh, private `PROMETHEUS_MULTIPROC_DIR`, set in the
+    environment they inherit: it must be set before they start (prometheus-client reads it when
+    it is imported). Remove it with remove_multiprocess_directory once they have stopped."""
+    if workers <= 1:
+        return None
+    path = tempfile.mkdtemp(prefix="ema-metrics-")
+    os.environ[MULTIPROC_DIR] = path
+    return path
+
+
+def remove_multiprocess_directory(path: str | None) -> None:
+    if path is not None:
+        os.environ.pop(MULTIPROC_DIR, None)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Metrics:
+    """The service's metrics. Also the store's observer: it reports script calls, pushes
+    applied and Redis errors here (see app.store.StoreObserver)."""
+
+    def __init__(self, *, stream_prefixes: Sequence[str] = (), max_streams: int = 1000) -> None:
+        """Streams whose name starts with one of `stream_prefixes` ("" for every stream) are
+        exported as gauges at scrape time, at most `max_streams` of them."""
+        self.stream_prefixes = tuple(stream_prefixes)
+        self.max_streams = max_streams
+        self.registry = CollectorRegistry()
+        self._multiprocess_dir = os.environ.get(MULTIPROC_DIR) or None
+        registry = self.registry
+        self.requests = Counter(
+            "ema_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "ema_http_request_duration_seconds",
+            "Time from a request's arrival to its response's start (for an event stream: until "
+            "it is open), by route template, method and status.",
+            ["route", "method", "status"],
+            buckets=_HTTP_BUCKETS,
+            registry=registry,
+        )
+        self.pushes = Counter(
+            "ema_pushes", "Pushes applied (an idempotent replay is not).", registry=registry
+        )
+        self.values_applied = Counter(
+            "ema_values_applied",
+            "Values applied by pushes, batches counted by value.",
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "ema_redis_errors",
+            "Failed Redis calls, by kind: connection, timeout, loading, busy, readonly, "
+            "masterdown, tryagain, clusterdown or error (any other error reply).",
+            ["kind"],
+            registry=registry,
+        )
+        self.script_duration = Histogram(
+            "ema_script_duration_seconds",
+            "Duration of push script calls as the service sees them (round trip included).",
+            buckets=_SCRIPT_BUCKETS + _SCRIPT_BUCKETS_SLOW,
+            registry=registry,
+        )
+        self.subscriptions = Gauge(
+            "ema_subscriptions_open",
+            "Event streams (Server-Sent Events subscriptions) open now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        # Labelled children, looked up once per label set: the push path is benchmarked.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    # --- the request middleware's and the store's reports -----------------------------------
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            labels = (route, method, str(status))
+            children = self.requests.labels(*labels), self.request_duration.labels(*labels)
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def script_ran(self, seconds: float) -> None:
+        self.script_duration.observe(seconds)
+
+    def applied(self, values: int) -> None:
+        self.pushes.inc()
+        self.values_applied.inc(values)
+
+    def redis_error(self, kind: str) -> None:
+        self.redis_errors.labels(kind).inc()
+
+    def close(self) -> None:
+        """This process stops: drop its share of the live gauges (open subscriptions)."""
+        if self._multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), self._multiprocess_dir)  # type: ignore[no-untyped-call]
+
+    # --- the scrape ---------------------------------------------------------------------------
+
+    async def scrape(self, store: StreamStore, accept: str | None) -> tuple[bytes, str]:
+        """The exposition for one scrape, in the format the `Accept` header asks for (the text
+        format by default, OpenMetrics if asked), and its content type."""
+        states, truncated = await self._streams(store)
+        collector = StreamGauges(self._collector(), states, truncated)
+        encoder, content_type = choose_encoder(accept or "")
+        # Multiprocess mode reads files: off the event loop, as is formatting many series.
+        body = await anyio.to_thread.run_sync(encoder, collector)
+        return body, content_type
+
+    async def _streams(self, store: StreamStore) -> tuple[list[StreamState], bool]:
+        """The streams matching the prefixes, at most max_streams (the SCAN order decides which
+        when more match), and whether more matched."""
+        if not self.stream_prefixes or not self.max_streams:
+            return [], False
+        names: dict[str, None] = {}  # an ordered set: prefixes may overlap, SCAN may repeat
+        truncated = False
+        try:
+            for prefix in self.stream_prefixes:
+                cursor = None
+                while not truncated:
+                    room = self.max_streams + 1 - len(names)  # one more tells it was cut
+                    page = await store.list(prefix, cursor, min(room, _PAGE))
+                    names.update(dict.fromkeys(page.streams))
+                    truncated = len(names) > self.max_streams
+                    cursor = page.next_cursor
+                    if cursor is None:
+                        break
+            chosen = list(names)[: self.max_streams]
+            states: list[StreamState] = []
+            for start in range(0, len(chosen), _PAGE):
+                states += await store.states(chosen[start : start + _PAGE])
+        except StoreUnavailable:
+            # Counted in ema_redis_errors_total; the service's own metrics still get scraped.
+            return [], False
+        return states, truncated
+
+    def _collector(self) -> Collector:
+        if self._multiprocess_dir is None:
+            return self.registry
+        # Every worker's values, this one's included, from their files: collecting this
+        # process's registry too would count it twice.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        return registry
+
+
+class StreamGauges(Collector):
+    """The service's metrics followed by the values of the streams read for this scrape."""
+
+    def __init__(self, base: Collector, states: list[StreamState], truncated: bool) -> None:
+        self._base = base
+        self._states = states
+        self._truncated = truncated
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._base.collect()
+        value = GaugeMetricFamily(
+            "ema_stream_value", "The stream's smoothed value (its shadow).", labels=["stream"]
+        )
+        debiased = GaugeMetricFamily(
+            "ema_stream_debiased", "The stream's bias-corrected average.", labels=["stream"]
+        )
+        last = GaugeMetricFamily(
+            "ema_stream_last", "The last raw value pushed to the stream.", labels=["stream"]
+        )
+        updates = CounterMetricFamily(
+            "ema_stream_updates",
+            "Updates applied to the stream (its count; starts over when it is reconfigured).",
+            labels=["stream"],
+        )
+        for state in self._states:
+            for family, number in (
+                (value, state.value),
+                (debiased, state.debiased),
+                (last, state.last),
+            ):
+                if number is not None:
+                    family.add_metric([state.name], number)
+            updates.add_metric([state.name], state.count)
+        yield from (value, debiased, last, updates)
+        yield GaugeMetricFamily(
+            "ema_metrics_streams",
+            "Streams exported as ema_stream_* series by this scrape (EMA_METRICS_STREAM_PREFIXES).",
+            value=len(self._states),
+        )
+        yield GaugeMetricFamily(
+            "ema_metrics_streams_truncated",
+            "1 when more streams matched than EMA_METRICS_MAX_STREAMS and only that many were "
+            "exported; 0 otherwise.",
+            value=int(self._truncated),
+        )
+
+
+class RouteMatcher:
+    """Maps a request path to the template of the route that serves it, without routing."""
+
+    def __init__(self, routes: Iterable[object]) -> None:
+        self._exact: dict[str, str] = {}
+        self._patterns: list[tuple[re.Pattern[str], str]] = []
+        seen: set[str] = set()
+        for route in routes:
+            template = getattr(route, "path_format", None)
+            regex = getattr(route, "path_regex", None)
+            if not isinstance(template, str) or not isinstance(regex, re.Pattern):
+                continue
+            if "{" not in template:
+                self._exact.setdefault(template, template)
+            elif template not in seen:
+                seen.add(template)
+                self._patterns.append((regex, template))
+
+    def __call__(self, path: str) -> str:
+        found = self._exact.get(path)
+        if found is not None:
+            return found
+        for regex, template in self._patterns:
+            if regex.match(path):
+                return template
+        return UNMATCHED
+
+
+_EVENT_STREAM: Final = b"text/event-stream"
+
+
+def _flat_routes(routes: Sequence[BaseRoute]) -> Iterable[object]:
+    """Every route, those of included routers too (which recent FastAPI keeps nested)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # older FastAPI: included routers' routes are copied into app.routes
+        return routes
+    return iter_route_contexts(routes)
+
+
+class RequestMetrics:
+    """Outermost ASGI layer: counts and times every HTTP request, including those the push fast
+    path answers without routing, and counts open event streams."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self._routes: RouteMatcher | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+        streaming = False
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, streaming
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                self._done(scope, status, started)
+                for key, value in message.get("headers", ()):
+                    if key == b"content-type" and value.startswith(_EVENT_STREAM):
+                        streaming = True
+                        self.metrics.subscriptions.inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            if status == 0:  # no response started: the server answers 500 (or nobody listens)
+                self._done(scope, 500, started)
+            if streaming:
+                self.metrics.subscriptions.dec()
+
+    def _done(self, scope: Scope, status: int, started: float) -> None:
+        routes = self._routes
+        if routes is None:
+            # The app's routes, read once: the first request comes after every route was added.
+            routes = self._routes = RouteMatcher(_flat_routes(scope["app"].routes))
+        method = scope["method"]
+        self.metrics.request_done(
+            routes(scope["path"]),
+            method if method in _METHODS else "other",
+            status,
+            time.perf_counter() - started,
+        )
