@@ -1,0 +1,277 @@
+"""The compose `monitoring` profile: Prometheus scrapes the app, Grafana shows a provisioned
+dashboard, and every metric their files name is one that a real scrape of the service exposes.
+
+Docker is not needed: the files are parsed (YAML, JSON) and the PromQL expressions are read by the
+small tokenizer below, which only needs to find metric names.
+"""
+
+import json
+import re
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import make_settings, serve
+from tests.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+MONITORING = ("prometheus", "grafana")
+
+# Series each metric type puts in the text format, after the family's name.
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "summary": ("", "_count", "_sum", "_created"),
+}
+
+
+@pytest.fixture(scope="module")
+def exposed(redis_server: RedisServer) -> dict[str, str]:
+    """Every series name a scrape of the service carries, mapped to its family's name."""
+    import anyio
+
+    async def scrape() -> str:
+        with redis_server.client() as client:
+            client.flushall()
+        settings = make_settings(redis_server.url, metrics_stream_prefixes="*")
+        async for client in serve(settings):
+            await client.post("/v1/streams/cpu/values", json={"value": 1.0})
+            response = await client.get("/metrics")
+            assert response.status_code == 200
+            return response.text
+        raise AssertionError("unreachable")
+
+    text = anyio.run(scrape)
+    families = list(text_string_to_metric_families(text))
+    types = {family.name: family.type for family in families}
+    names: dict[str, str] = {}
+    for family in families:
+        # The text format gives a counter's or histogram's `_created` series a family of its own.
+        base = family.name.removesuffix("_created")
+        owner = base if base != family.name and base in types else family.name
+        for suffix in SUFFIXES.get(family.type, ("",)):
+            names[family.name + suffix] = owner
+        for sample in family.samples:
+            names[sample.name] = owner
+    return names
+
+
+@cache
+def compose() -> dict[str, Any]:
+    document = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def service(name: str) -> dict[str, Any]:
+    found = compose()["services"].get(name)
+    assert isinstance(found, dict), f"docker-compose.yml has no {name!r} service"
+    return found
+
+
+def mounts(name: str) -> dict[str, str]:
+    """Bind mounts of a service: container path -> repository path (short syntax)."""
+    found = {}
+    for volume in service(name).get("volumes") or []:
+        source, target, *_ = str(volume).split(":")
+        if source.startswith("./"):
+            found[target] = source.removeprefix("./")
+    return found
+
+
+def container_file(name: str, path: str) -> Path:
+    """The repository file that a service sees at `path`, through its bind mounts."""
+    for target, source in mounts(name).items():
+        inside = PurePosixPath(path)
+        if inside == PurePosixPath(target) or PurePosixPath(target) in inside.parents:
+            return ROOT / source / inside.relative_to(target)
+    raise AssertionError(f"{name} sees nothing at {path}")
+
+
+def flag(name: str, option: str) -> str:
+    for word in service(name).get("command") or []:
+        if str(word).startswith(f"{option}="):
+            return str(word).split("=", 1)[1]
+    raise AssertionError(f"{name} has no {option}")
+
+
+# --- PromQL -----------------------------------------------------------------------------------
+
+_STRINGS = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
+_GROUPING = re.compile(
+    r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", re.IGNORECASE
+)
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring"}
+_KEYWORDS |= {"group_left", "group_right"}
+_IDENTIFIER = re.compile(r"(?<![\w:$.])([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (label_values(m, label) included)."""
+    if match := re.fullmatch(r"\s*label_values\(\s*([A-Za-z_:][\w:]*)\s*,\s*\w+\s*\)\s*", expr):
+        return {match[1]}
+    text = _STRINGS.sub('""', expr)
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range and subquery durations
+    text = _GROUPING.sub("", text)
+    names = set()
+    for match in _IDENTIFIER.finditer(text):
+        if match[2] is None and match[1].lower() not in _KEYWORDS:
+            names.add(match[1])
+    return names
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        (
+            'sum by (le, route) (rate(ema_x_bucket{a="b",c=~"d|e"}[$__rate_interval]))',
+            {"ema_x_bucket"},
+        ),
+        ("a_total / on (job) group_left b > bool 0.5", {"a_total", "b"}),
+        ('histogram_quantile(0.99, sum(rate(h_bucket{s="x(y)"}[5m]))) > 1e-3', {"h_bucket"}),
+        ("label_values(ema_stream_value, stream)", {"ema_stream_value"}),
+        ("max(up) == 1", {"up"}),
+    ],
+)
+def test_metric_names_are_read_from_promql(expr: str, names: set[str]) -> None:
+    assert metric_names(expr) == names
+
+
+# --- compose ----------------------------------------------------------------------------------
+
+
+def test_monitoring_services_run_only_in_their_profile_with_pinned_images() -> None:
+    for name in MONITORING:
+        definition = service(name)
+        assert definition.get("profiles") == ["monitoring"], name
+        image = definition["image"]
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), f"{name}: {image} is not pinned"
+    # The service itself and its Redis run without the profile.
+    assert "profiles" not in service("app")
+    assert "profiles" not in service("redis")
+    for target, source in mounts("prometheus").items() | mounts("grafana").items():
+        assert (ROOT / source).exists(), f"{source} (mounted at {target}) is missing"
+
+
+@cache
+def prometheus_config() -> dict[str, Any]:
+    path = container_file("prometheus", flag("prometheus", "--config.file"))
+    config = yaml.safe_load(path.read_text())
+    assert isinstance(config, dict)
+    return config
+
+
+@pytest.mark.anyio
+async def test_prometheus_scrapes_the_app_where_it_serves_metrics(
+    redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    jobs = prometheus_config()["scrape_configs"]
+    targets = [
+        (job.get("metrics_path", "/metrics"), target)
+        for job in jobs
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    ]
+    assert len(targets) == 1, targets
+    path, target = targets[0]
+    host, port = target.rsplit(":", 1)
+    assert host == "app"
+    # The port the app listens on in its container (the image's EMA_PORT) and publishes.
+    published = [str(entry).rsplit(":", 1)[-1] for entry in service("app")["ports"]]
+    assert port in published
+    async for client in serve(make_settings(redis_server.url)):
+        response = await client.get(path)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+
+
+def rule_expressions() -> Iterator[tuple[str, str]]:
+    for rule_file in prometheus_config().get("rule_files", []):
+        rules = yaml.safe_load(container_file("prometheus", rule_file).read_text())
+        for group in rules["groups"]:
+            for rule in group["rules"]:
+                yield rule.get("alert") or rule["record"], rule["expr"]
+
+
+def test_prometheus_rules_use_only_metrics_the_service_exposes(exposed: dict[str, str]) -> None:
+    expressions = list(rule_expressions())
+    assert expressions, "no rules loaded"
+    for name, expr in expressions:
+        used = metric_names(expr)
+        assert used, f"{name}: no metric in {expr!r}"
+        assert used <= exposed.keys(), f"{name}: {sorted(used - exposed.keys())} not exposed"
+
+
+# --- Grafana ----------------------------------------------------------------------------------
+
+
+def provisioning(kind: str) -> list[dict[str, Any]]:
+    folder = container_file("grafana", f"/etc/grafana/provisioning/{kind}")
+    documents = [yaml.safe_load(path.read_text()) for path in sorted(folder.glob("*.y*ml"))]
+    assert documents, f"no {kind} provisioned"
+    return documents
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    found = {}
+    for document in provisioning("dashboards"):
+        for provider in document["providers"]:
+            folder = container_file("grafana", provider["options"]["path"])
+            for path in sorted(folder.glob("*.json")):
+                found[path.name] = json.loads(path.read_text())
+    assert found, "no dashboard JSON where the providers look"
+    return found
+
+
+def test_grafana_reads_the_prometheus_of_the_profile() -> None:
+    sources = [source for doc in provisioning("datasources") for source in doc["datasources"]]
+    assert [s["type"] for s in sources] == ["prometheus"]
+    url = httpx.URL(sources[0]["url"])
+    assert url.host == "prometheus"
+    listen = "9090"  # Prometheus' default --web.listen-address
+    assert url.port == int(listen)
+    home = service("grafana")["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert container_file("grafana", home).name in dashboards()
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def test_dashboard_shows_every_family_and_nothing_the_service_lacks(
+    exposed: dict[str, str],
+) -> None:
+    uids = {s["uid"] for doc in provisioning("datasources") for s in doc["datasources"]}
+    shown: set[str] = set()
+    for name, dashboard in dashboards().items():
+        queries = [
+            (panel["title"], target["expr"], target.get("datasource") or panel.get("datasource"))
+            for panel in panels(dashboard)
+            for target in panel.get("targets", [])
+        ]
+        for variable in dashboard.get("templating", {}).get("list", []):
+            query = variable.get("query")
+            expr = query.get("query") if isinstance(query, dict) else query
+            queries.append((f"${variable['name']}", expr, variable.get("datasource")))
+        assert queries, f"{name} has no queries"
+        for title, expr, datasource in queries:
+            used = metric_names(expr)
+            assert used, f"{name}: {title}: no metric in {expr!r}"
+            assert used <= exposed.keys(), f"{name}: {title}: {sorted(used - exposed.keys())}"
+            assert datasource, f"{name}: {title}: no data source"
+            assert datasource["uid"] in uids, f"{name}: {title}: {datasource}"
+            shown |= {exposed[metric] for metric in used}
+    # Every family the service exposes is on a dashboard: the service's and the streams'.
+    assert shown == set(exposed.values())
