@@ -218,7 +218,9 @@ class Problem(_Reply):
 class StreamConfig(_Reply):
     """A stream's configuration."""
 
-    decay: float
+    decay: float | None = None
+    halflife: float | None = None
+    kind: str = "mean"
     initial: float | None = None
     auto_num_updates: bool = False
 
@@ -234,6 +236,8 @@ class State(_Reply):
     last: float | None = None
     decay_used: float | None = None
     updated_at: float | None = None
+    timestamp: float | None = None
+    windows: dict[str, Any] | None = None
     config: StreamConfig
 
 
@@ -247,15 +251,22 @@ class Page(_Reply):
 @dataclass(frozen=True)
 class Sample:
     """A value with TensorFlow's `num_updates` (the training step): the decay used is
-    min(decay, (1 + num_updates) / (10 + num_updates))."""
+    min(decay, (1 + num_updates) / (10 + num_updates)); and when it was taken (Unix seconds;
+    absent: the server's time), which halflife streams weigh by."""
 
     value: float
     num_updates: int | None = None
+    timestamp: float | None = None
 
     def body(self) -> float | dict[str, float | int]:
-        if self.num_updates is None:
+        if self.num_updates is None and self.timestamp is None:
             return self.value
-        return {"value": self.value, "num_updates": self.num_updates}
+        body: dict[str, float | int] = {"value": self.value}
+        if self.num_updates is not None:
+            body["num_updates"] = self.num_updates
+        if self.timestamp is not None:
+            body["timestamp"] = self.timestamp
+        return body
 
 
 # A value to push: a number, or a Sample carrying TensorFlow's step.

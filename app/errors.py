@@ -3,6 +3,7 @@
 ServiceError                 a failure the client is told about, as problem+json
 ├── StreamNotFound           404
 ├── PayloadTooLarge          413
+├── LateSample               409 (a stream that rejects late samples got one)
 ├── InvalidInput             422 (also every request validation error)
 └── StoreUnavailable         503 with Retry-After: Redis is down, slow or failing over
 """
@@ -62,6 +63,12 @@ class InvalidInput(ServiceError):
         if len(errors) > 1:
             detail += f" (and {len(errors) - 1} more)"
         return cls(detail, errors=listed)
+
+
+class LateSample(ServiceError):
+    """A sample older than the stream's newest, on a stream that rejects late samples."""
+
+    status = HTTPStatus.CONFLICT
 
 
 class StoreUnavailable(ServiceError):

@@ -12,13 +12,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
 
+from app.codec import decode_fields, state_from_fields
 from app.keys import KeyLayout
 from app.models import StreamState
-from app.scripts import STATE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class EventHub:
     """One Pub/Sub connection per process, shared by all its subscribers."""
 
     def __init__(
-        self, client: "Redis", layout: KeyLayout, *, queue_size: int, max_subscriptions: int
+        self, client: "PubSubSource", layout: KeyLayout, *, queue_size: int, max_subscriptions: int
     ) -> None:
         self._client = client
         self._layout = layout
@@ -187,10 +188,35 @@ class EventHub:
         if kind not in ("message", "pmessage"):
             return
         channel = str(message["channel"])
-        fields: list[str | None] = [part or None for part in str(message["data"]).split(",")]
-        if len(fields) != len(STATE_FIELDS):
-            return
-        state = StreamState.from_fields(self._layout.name_of_channel(channel), fields)
+        fields = decode_fields(str(message["data"]))
+        state = state_from_fields(self._layout.name_of_channel(channel), fields)
         topic = str(message["pattern"]) if kind == "pmessage" else channel
         for subscription in self._subscribers.get(topic, ()):
             subscription.offer(state)
+
+
+class PubSubSource(Protocol):
+    """Where the hub gets a new Pub/Sub connection (at start and after each failure)."""
+
+    def pubsub(self) -> PubSub: ...
+
+
+class AnyClusterNode:
+    """Pub/Sub connections on a Redis Cluster, each to one node, the next one each time.
+
+    In a cluster a classic PUBLISH (the push script's) reaches every node, replicas included,
+    so one plain connection to any node hears every stream's announcements. Moving to the next
+    node the cluster client knows of at each reconnection leaves a dead node behind, with no
+    need for the topology to be current.
+    """
+
+    def __init__(self, cluster: "RedisCluster") -> None:
+        self._cluster = cluster
+        self._turn = 0
+
+    def pubsub(self) -> PubSub:
+        nodes = sorted(self._cluster.get_nodes() or self._cluster.startup_nodes, key=str)
+        node = nodes[self._turn % len(nodes)]
+        self._turn += 1
+        pool = ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+        return Redis(connection_pool=pool).pubsub()

@@ -10,7 +10,7 @@ from types import FrameType
 
 import anyio
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -18,12 +18,12 @@ from app import __version__, errors
 from app.asgi import BodyLimit, JsonByDefault, PushFastPath
 from app.auth import ApiKeyAuth
 from app.embedded import EmbeddedRedis
-from app.events import EventHub
+from app.events import AnyClusterNode, EventHub
 from app.keys import KeyLayout
 from app.logs import RequestLog
 from app.metrics import Metrics, RequestMetrics
 from app.models import StreamConfig
-from app.routes import events, health, metrics, streams, ui
+from app.routes import events, health, metrics, streams, ui, values
 from app.settings import Settings
 from app.store import StreamStore
 
@@ -39,9 +39,24 @@ Errors are `application/problem+json` (RFC 9457).
 """
 
 
-def redis_client(url: str, settings: Settings) -> "Redis":
+def redis_client(url: str, settings: Settings) -> "Redis | RedisCluster":
     # No automatic retries: a command that timed out may already have run, and re-sending a
     # push would apply it twice. The client gets a 503 instead and decides.
+    if settings.redis_cluster:
+        # The cluster client follows MOVED and ASK redirections (the command did not run where
+        # it was sent), and waits out TRYAGAIN; with 0 retries it never re-sends a command after
+        # a connection error or timeout, but re-reads the cluster's topology before the next
+        # command, which is how it finds a replica promoted after a failover. A NOSCRIPT from a
+        # new primary is answered by loading the script and calling it again (redis-py's
+        # Script and StreamStore.push_many): a command refused with NOSCRIPT did not run.
+        return RedisCluster.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=settings.redis_max_connections,  # per node
+        )
     return Redis.from_url(
         url,
         decode_responses=True,
@@ -111,10 +126,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         idempotency_seconds=settings.idempotency_seconds,
         announce=settings.events,
         retry_after=settings.retry_after,
+        max_clock_skew=settings.max_clock_skew,
         observer=app.state.metrics,
     )
     app.state.hub = hub = EventHub(
-        client,
+        AnyClusterNode(client) if isinstance(client, RedisCluster) else client,
         layout,
         queue_size=settings.subscriber_queue,
         max_subscriptions=settings.max_subscriptions,
@@ -143,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.include_router(streams.router)
+    app.include_router(values.router)
     app.include_router(events.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -1,6 +1,8 @@
 """Request and response bodies: the API's contract, and its OpenAPI documentation."""
 
-from typing import Annotated, Any, Self
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -8,17 +10,21 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    GetCoreSchemaHandler,
     Tag,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
     model_validator,
 )
-from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import CoreSchema, core_schema
 
-from app.keys import NAME_RULE
-from app.scripts import Fields
+from app.keys import NAME_MAX_LENGTH, NAME_PATTERN, NAME_RULE
 
 # 1e15 keeps (1 + n) / (10 + n) exact in float64 with plenty to spare.
 MAX_NUM_UPDATES = 10**15
 MAX_HISTORY = 100_000
+MAX_WINDOWS = 8
+MAX_HALFLIFE = 1e9
 # Counts, and the event and history ids made of them, stay exact integers in a Lua double.
 MAX_COUNT = 2**53
 
@@ -49,13 +55,107 @@ NUM_UPDATES_DOC = (
 )
 
 
-class StreamConfig(Model):
-    """A stream's configuration, as set by PUT."""
+Halflife = Annotated[
+    float,
+    Field(
+        gt=0,
+        le=MAX_HALFLIFE,
+        description="Seconds after which a sample weighs half as much (by sample timestamps).",
+    ),
+]
+DECAY_DOC = "In [0, 1]: the weight the shadow keeps per update (TensorFlow's EMA)."
+HALFLIFE_DOC = "Seconds after which a sample weighs half as much, by sample timestamps."
+WINDOW_NAME = r"^[A-Za-z0-9_.\-]{1,32}$"
 
-    decay: Decay = Field(examples=[0.99])
+
+def _exactly_one(
+    *names: str, never_with: Sequence[tuple[str, str]] = ()
+) -> Callable[[dict[str, Any]], None]:
+    """A JSON Schema adjustment saying what a model validator enforces: exactly one of `names`
+    is given (present and not null), and no pair in `never_with` is given together."""
+    given = {"not": {"type": "null"}}
+
+    def adjust(schema: dict[str, Any]) -> None:
+        schema["oneOf"] = [
+            {
+                "required": [name],
+                "properties": {
+                    other: given if other == name else {"type": "null"} for other in names
+                },
+            }
+            for name in names
+        ]
+        if never_with:
+            schema["not"] = {
+                "anyOf": [
+                    {"required": list(pair), "properties": dict.fromkeys(pair, given)}
+                    for pair in never_with
+                ]
+            }
+
+    return adjust
+
+
+def _stream_config_schema(schema: dict[str, Any]) -> None:
+    """The rules StreamConfig's validator enforces across fields, in JSON Schema: a decay or a
+    halflife; initial and auto_num_updates only with a decay; a rate only with a halflife, and
+    its windows with halflives. (That window names are distinct, JSON Schema cannot say.)"""
+    _exactly_one("decay", "halflife")(schema)
+    with_decay, with_halflife = schema["oneOf"]
+    with_decay["properties"]["kind"] = {"not": {"const": "rate"}}
+    with_halflife["properties"] |= {
+        "initial": {"type": "null"},
+        "auto_num_updates": {"not": {"const": True}},
+    }
+    schema["if"] = {"required": ["kind"], "properties": {"kind": {"const": "rate"}}}
+    schema["then"] = {
+        "properties": {
+            "windows": {
+                "anyOf": [
+                    {"type": "null"},
+                    {"type": "array", "items": {"properties": {"decay": {"type": "null"}}}},
+                ]
+            }
+        }
+    }
+
+
+class Window(Model):
+    """A named extra average of the same samples: by a decay per update, or by a halflife."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one("decay", "halflife"))
+
+    name: str = Field(
+        pattern=WINDOW_NAME, description="1 to 32 of A-Z a-z 0-9 _ . -", examples=["1m"]
+    )
+    decay: Decay | None = Field(default=None, description=DECAY_DOC, examples=[None])
+    halflife: Halflife | None = Field(default=None, description=HALFLIFE_DOC, examples=[60.0])
+
+    @model_validator(mode="after")
+    def _decay_or_halflife(self) -> Self:
+        if (self.decay is None) == (self.halflife is None):
+            raise ValueError("give either decay or halflife")
+        return self
+
+
+class StreamConfig(Model):
+    """A stream's configuration, as set by PUT: a decay (TensorFlow's EMA, per update) or a
+    halflife (by time), optionally more windows, a kind, and retention."""
+
+    model_config = ConfigDict(json_schema_extra=_stream_config_schema)
+
+    decay: Decay | None = Field(default=None, description=DECAY_DOC, examples=[0.99])
+    halflife: Halflife | None = Field(default=None, description=HALFLIFE_DOC, examples=[60.0])
+    kind: Literal["mean", "rate"] = Field(
+        default="mean",
+        description="mean: the average of the values; rate: values are event counts, and the "
+        "stream reports events per second (needs a halflife).",
+        examples=["mean"],
+    )
     initial: float | None = Field(
         default=None,
-        description="The shadow's starting value. Null: the first value pushed becomes the shadow.",
+        description="With a decay: the shadow's starting value. Null: the first value pushed "
+        "becomes the shadow.",
         examples=[0.0],
     )
     auto_num_updates: bool = Field(
@@ -63,19 +163,64 @@ class StreamConfig(Model):
         description="Use the stream's own update count as num_updates when a push carries none.",
         examples=[False],
     )
+    windows: Annotated[list[Window], Field(min_length=1, max_length=MAX_WINDOWS)] | None = Field(
+        default=None,
+        description=f"Up to {MAX_WINDOWS} more named averages, updated by the same pushes.",
+        examples=[[{"name": "1m", "halflife": 60}, {"name": "5m", "halflife": 300}]],
+    )
+    late: Literal["merge", "reject"] = Field(
+        default="merge",
+        description="A sample older than the stream's newest: merge it exactly as if it had "
+        "arrived in order, or reject the push with 409.",
+        examples=["merge"],
+    )
+    ttl: Annotated[int, Field(ge=1, le=10 * 365 * 86_400), BeforeValidator(_integral)] | None = (
+        Field(
+            default=None,
+            description="Seconds without a push after which the stream is deleted. Null: never.",
+            examples=[86400],
+        )
+    )
     history: HistoryCap = Field(
         default=0,
         description="Keep the newest this many (time, raw, smoothed) entries; 0 keeps none.",
         examples=[1000],
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if (self.decay is None) == (self.halflife is None):
+            raise ValueError("give either decay or halflife")
+        if self.halflife is not None and (self.initial is not None or self.auto_num_updates):
+            raise ValueError("initial and auto_num_updates go with a decay, not a halflife")
+        if self.kind == "rate" and self.halflife is None:
+            raise ValueError("a rate stream needs a halflife")
+        if self.kind == "rate" and any(w.decay is not None for w in self.windows or ()):
+            raise ValueError("a rate stream's windows need halflives")
+        names = [w.name for w in self.windows or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("window names must be distinct")
+        return self
+
+
+TIMESTAMP_DOC = (
+    "When the sample was taken, Unix seconds (a float). Absent: Redis server time. At most "
+    "EMA_MAX_CLOCK_SKEW seconds past the server clock."
+)
+# The year 2106, a static bound; the service also refuses what is beyond EMA_MAX_CLOCK_SKEW.
+Timestamp = Annotated[float, Field(ge=0, le=2**32)]
+Triple = tuple[float, int | None, float | None]
+
 
 class Sample(Model):
-    """One value to apply, optionally with TensorFlow's num_updates."""
+    """One value to apply, optionally with TensorFlow's num_updates and a timestamp."""
 
     value: float = Field(description="A finite number.", examples=[5.0])
     num_updates: NumUpdates | None = Field(
         default=None, description=NUM_UPDATES_DOC, examples=[10000]
+    )
+    timestamp: Timestamp | None = Field(
+        default=None, description=TIMESTAMP_DOC, examples=[1764072000.25]
     )
 
 
@@ -96,19 +241,19 @@ class Push(Model):
     # The schema says what the validator below enforces: exactly one of value and values, and
     # num_updates only beside value.
     model_config = ConfigDict(
-        json_schema_extra={
-            "oneOf": [{"required": ["value"]}, {"required": ["values"]}],
-            "not": {"required": ["values", "num_updates"]},
-        }
+        json_schema_extra=_exactly_one(
+            "value", "values", never_with=[("values", "num_updates"), ("values", "timestamp")]
+        )
     )
 
-    value: float | SkipJsonSchema[None] = Field(
-        default=None, description="A finite number.", examples=[5.0]
-    )
+    value: float | None = Field(default=None, description="A finite number.", examples=[5.0])
     num_updates: NumUpdates | None = Field(
         default=None, description=NUM_UPDATES_DOC, examples=[10000]
     )
-    values: Annotated[list[BatchItem], Field(min_length=1)] | SkipJsonSchema[None] = Field(
+    timestamp: Timestamp | None = Field(
+        default=None, description=TIMESTAMP_DOC, examples=[1764072000.25]
+    )
+    values: Annotated[list[BatchItem], Field(min_length=1)] | None = Field(
         default=None,
         description="Numbers, or objects with value and num_updates, applied in order.",
         examples=[[1.5, 2.0, {"value": 10.0, "num_updates": 7}]],
@@ -118,18 +263,33 @@ class Push(Model):
     def _value_or_values(self) -> Self:
         if (self.value is None) == (self.values is None):
             raise ValueError("give either value or values")
-        if self.values is not None and self.num_updates is not None:
-            raise ValueError("num_updates goes with value; give values as objects to set it")
+        if self.values is not None and (self.num_updates is not None or self.timestamp is not None):
+            raise ValueError(
+                "num_updates and timestamp go with value; give values as objects to set them"
+            )
         return self
 
-    def samples(self) -> list[tuple[float, int | None]]:
+    def samples(self) -> list[Triple]:
         if self.values is None:
             assert self.value is not None
-            return [(self.value, self.num_updates)]
+            return [(self.value, self.num_updates, self.timestamp)]
         return [
-            (item, None) if isinstance(item, float) else (item.value, item.num_updates)
+            (item, None, None)
+            if isinstance(item, float)
+            else (item.value, item.num_updates, item.timestamp)
             for item in self.values
         ]
+
+
+class WindowState(BaseModel):
+    """One named window's average."""
+
+    value: float | None = Field(
+        description="Its average (for a rate stream: events per second, as of the response).",
+        examples=[4.5],
+    )
+    decay: float | None = Field(description="Its decay, if it has one.", examples=[None])
+    halflife: float | None = Field(description="Its halflife, if it has one.", examples=[60.0])
 
 
 class StreamState(BaseModel):
@@ -137,56 +297,39 @@ class StreamState(BaseModel):
 
     name: str = Field(description=f"The stream's name: {NAME_RULE}.", examples=["cpu"])
     value: float | None = Field(
-        description="The shadow (the moving average). Null before the first value when the "
-        "stream has no initial value.",
+        description="The average: with a decay, the shadow; with a halflife, the time-weighted "
+        "mean; for a rate stream, events per second as of the response. Null before the first "
+        "value (with a decay and no initial value).",
         examples=[4.555],
     )
     debiased: float | None = Field(
         description="The bias-corrected average: a zero-started shadow divided by 1 minus the "
-        "product of the decays used so far (Adam-style). Null before the first value, or while "
-        "every decay used was 1.",
+        "product of the decays used so far (Adam-style); a halflife mean is its own. Null before "
+        "the first value, while every decay used was 1, and for rate streams.",
         examples=[5.0],
     )
     count: int = Field(description="Updates applied so far.", examples=[2])
     last: float | None = Field(description="The last raw value pushed.", examples=[10.0])
     decay_used: float | None = Field(
-        description="The decay used by the last update.", examples=[0.99]
+        description="The decay the last update used; with a halflife, the factor it applied to "
+        "older samples' weights (1 for a late sample).",
+        examples=[0.99],
     )
     updated_at: float | None = Field(
         description="Redis server time of the last update, in Unix seconds.",
         examples=[1764072000.123456],
     )
+    timestamp: float | None = Field(
+        default=None,
+        description="The newest sample's time (its timestamp, or the server time it arrived).",
+        examples=[1764072000.123456],
+    )
+    windows: dict[str, WindowState] | None = Field(
+        default=None,
+        description="The named windows' averages, when the stream has windows.",
+        examples=[{"1m": {"value": 4.5, "decay": None, "halflife": 60.0}}],
+    )
     config: StreamConfig = Field(description="The stream's configuration.")
-
-    @classmethod
-    def from_fields(cls, name: str, fields: Fields) -> Self:
-        """Build from the hash fields d i a h v n l u t b p (see app/lua/push.lua)."""
-        decay, initial, auto, history, value, count, last, used, at, biased, product = fields
-        assert decay is not None
-        assert count is not None
-        assert biased is not None
-        assert product is not None
-        n = int(count)
-        correction = 1.0 - float(product)
-        return cls.model_construct(
-            name=name,
-            value=_number(value),
-            debiased=float(biased) / correction if n and correction else None,
-            count=n,
-            last=_number(last),
-            decay_used=_number(used),
-            updated_at=_number(at),
-            config=StreamConfig.model_construct(
-                decay=float(decay),
-                initial=_number(initial),
-                auto_num_updates=auto == "1",
-                history=int(history or 0),
-            ),
-        )
-
-
-def _number(text: str | None) -> float | None:
-    return None if text is None else float(text)
 
 
 class StreamPage(BaseModel):
@@ -229,3 +372,112 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = Field(
         default=None, description="For invalid input: where and what, one entry per error."
     )
+
+
+# --- bulk pushes ------------------------------------------------------------------------------
+
+
+class BulkEntry(Push):
+    """One entry of a bulk push: a stream, and what to push to it (one `value`, or `values`
+    applied in order, as in a push to that stream alone)."""
+
+    stream: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=NAME_MAX_LENGTH,
+        description=f"The stream's name: {NAME_RULE}.",
+        examples=["cpu"],
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="Like a push's Idempotency-Key header: an entry with a key already used "
+        "for this stream is not applied again and gets the original result. 1 to 255 visible "
+        "ASCII characters.",
+        examples=["7f9c2ba4"],
+    )
+
+
+@dataclass(frozen=True)
+class InvalidEntry:
+    """A bulk entry that is not valid: its stream when it names one, and pydantic's errors."""
+
+    stream: str | None
+    errors: list[dict[str, Any]]
+
+
+def _entry_or_invalid(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError as error:
+        stream = value.get("stream") if isinstance(value, dict) else None
+        return InvalidEntry(
+            stream if isinstance(stream, str) else None,
+            [dict(e) for e in error.errors(include_url=False, include_input=False)],
+        )
+
+
+class _EntryOrInvalid:
+    """Validates as a BulkEntry (and is documented as one), but an invalid entry becomes an
+    InvalidEntry instead of failing the whole request: the other entries are still pushed."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.no_info_wrap_validator_function(
+            _entry_or_invalid, handler.generate_schema(BulkEntry)
+        )
+
+
+class BulkPush(Model):
+    """Pushes to many streams in one request. Each entry is applied on its own, atomically, as a
+    push to its stream alone would be; an invalid or refused entry fails alone."""
+
+    entries: Annotated[
+        list[Annotated[BulkEntry | InvalidEntry, _EntryOrInvalid()]], Field(min_length=1)
+    ] = Field(
+        description="The pushes, applied in no particular order across streams, in order for "
+        "entries of the same stream. At most EMA_MAX_BATCH values in all.",
+        examples=[[{"stream": "cpu", "value": 1.5}, {"stream": "mem", "values": [2.0, 3.0]}]],
+    )
+
+
+class BulkResult(BaseModel):
+    """What happened to one entry of a bulk push."""
+
+    index: int = Field(description="The entry's position in `entries`, from 0.", examples=[0])
+    stream: str | None = Field(
+        description="The entry's stream; null if the entry names none.", examples=["cpu"]
+    )
+    status: int = Field(
+        description="The status a push of this entry alone would have got: 200 applied (or, "
+        "with `replayed`, applied before), 403 the API key may not write this stream, 404 no "
+        "such stream (EMA_AUTO_CREATE=false), 409 a late sample refused, 422 invalid, 503 "
+        "Redis could not take it (the error says whether it may have been applied).",
+        examples=[200],
+    )
+    replayed: bool = Field(
+        default=False,
+        description="The idempotency key was used before: the original result, not applied again.",
+        examples=[False],
+    )
+    state: StreamState | None = Field(
+        default=None, description="With status 200: the stream's state after this entry."
+    )
+    error: Problem | None = Field(
+        default=None, description="Otherwise: what went wrong, as a problem details object."
+    )
+
+
+class BulkReply(BaseModel):
+    """Every entry's result, in request order."""
+
+    applied: int = Field(
+        description="Entries applied by this request (idempotent replays not counted).",
+        examples=[2],
+    )
+    failed: int = Field(
+        description="Entries with an error: not applied, except that a 503 may have been.",
+        examples=[0],
+    )
+    results: list[BulkResult] = Field(description="One per entry, in request order.")

@@ -5,36 +5,19 @@ redis-py's `Script` calls EVALSHA and, on NOSCRIPT (a restarted or failed-over R
 script cache), loads the script and retries once, so the cache never needs warming by hand.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
-# The order of the hash fields in push.lua's reply, in its announcements, and in a read's HMGET.
-STATE_FIELDS = ("d", "i", "a", "h", "v", "n", "l", "u", "t", "b", "p")
-
-Fields = list[str | None]
+from app.codec import encode_fields, number
+from app.models import Triple
 
 
 def load_source(name: str) -> str:
     return files("app").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-
-
-def format_number(x: float) -> str:
-    """The shortest decimal that reads back as exactly `x` (Lua's tonumber is strtod)."""
-    return repr(x)
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """The configuration a push gives a stream it creates."""
-
-    decay: float
-    initial: float | None
-    auto_num_updates: bool
-    history: int
 
 
 @dataclass(frozen=True)
@@ -49,34 +32,70 @@ class Idempotency:
 class Scripts:
     """Typed handles on the Lua scripts, bound to one Redis client."""
 
-    def __init__(self, client: "Redis") -> None:
+    def __init__(self, client: "Redis | RedisCluster") -> None:
         self._push = client.register_script(load_source("push"))
+
+    @property
+    def push_sha(self) -> str:
+        return self._push.sha
+
+    @property
+    def push_source(self) -> str:
+        return str(self._push.script)
 
     async def push(
         self,
         keys: tuple[str, str],
-        samples: Sequence[tuple[float, int | None]],
+        samples: Sequence[Triple],
         *,
-        create_with: Defaults | None,
+        create_with: Mapping[str, str] | None,
         idempotency: Idempotency | None,
         channel: str | None,
-    ) -> tuple[Fields, bool]:
-        """Apply `samples` (value, num_updates) in order. Returns the stream's fields and whether
-        they are the stored reply of an earlier push with the same idempotency key."""
-        defaults = create_with or Defaults(1.0, None, False, 0)
+        max_clock_skew: float,
+    ) -> tuple[dict[str, str], bool]:
+        """Apply `samples` (value, num_updates, timestamp) in order, creating the stream with the
+        hash `create_with` if it is missing. Returns the stream's hash fields, and whether they
+        are the stored reply of an earlier push with the same idempotency key."""
+        all_keys, args = self.push_call(
+            keys,
+            samples,
+            create_with=create_with,
+            idempotency=idempotency,
+            channel=channel,
+            max_clock_skew=max_clock_skew,
+        )
+        return push_reply(await self._push(keys=all_keys, args=args))
+
+    def push_call(
+        self,
+        keys: tuple[str, str],
+        samples: Sequence[Triple],
+        *,
+        create_with: Mapping[str, str] | None,
+        idempotency: Idempotency | None,
+        channel: str | None,
+        max_clock_skew: float,
+    ) -> tuple[list[str], list[str]]:
+        """The KEYS and ARGV of `push`, for a pipeline: EVALSHA push_sha len(KEYS) *KEYS *ARGV;
+        its reply is read with `push_reply`."""
         args: list[str] = [
-            "1" if create_with else "0",
-            format_number(defaults.decay),
-            "" if defaults.initial is None else format_number(defaults.initial),
-            "1" if defaults.auto_num_updates else "0",
-            str(defaults.history),
+            "0" if create_with is None else "1",
+            encode_fields(create_with or {}),
             idempotency.fingerprint if idempotency else "",
             str(idempotency.seconds) if idempotency else "0",
             channel or "",
+            number(max_clock_skew),
         ]
-        for value, num_updates in samples:
-            args.append(format_number(value))
+        for value, num_updates, timestamp in samples:
+            args.append(number(value))
             args.append("" if num_updates is None else str(num_updates))
+            args.append("" if timestamp is None else number(timestamp))
         all_keys = [*keys, idempotency.key] if idempotency else list(keys)
-        reply = cast(Fields, await self._push(keys=all_keys, args=args))
-        return reply[: len(STATE_FIELDS)], reply[len(STATE_FIELDS)] == "1"
+        return all_keys, args
+
+
+def push_reply(reply: object) -> tuple[dict[str, str], bool]:
+    """The stream's hash fields from a push's reply, and whether it was an idempotent replay."""
+    listed = cast(list[str], reply)
+    fields = dict(zip(listed[:-1:2], listed[1:-1:2], strict=True))
+    return fields, listed[-1] == "1"

@@ -24,6 +24,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("REDIS_URL", "EMA_REDIS_URL"),
         description="Redis to use (`REDIS_URL`). Unset: start a private embedded redis-server.",
     )
+    redis_cluster: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("REDIS_CLUSTER", "EMA_REDIS_CLUSTER"),
+        description="REDIS_URL names a node of a Redis Cluster (`REDIS_CLUSTER`).",
+    )
     key_prefix: str = Field(default="ema:", description="Prefix of every key the service owns.")
     default_decay: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.99
     default_initial: Annotated[float | None, Field(allow_inf_nan=False)] = None
@@ -33,6 +38,10 @@ class Settings(BaseSettings):
         default=True, description="A push to a missing stream creates it with the defaults."
     )
     max_batch: Annotated[int, Field(ge=1, le=100_000)] = 10_000
+    max_clock_skew: Annotated[float, Field(ge=0, le=86_400 * 366)] = Field(
+        default=3600.0,
+        description="Seconds a sample's timestamp may be ahead of Redis server time.",
+    )
     idempotency_seconds: Annotated[int, Field(ge=1)] = Field(
         default=86_400, description="How long a push's Idempotency-Key is remembered."
     )
@@ -122,3 +131,9 @@ class Settings(BaseSettings):
         if "{" in prefix or "}" in prefix:
             raise ValueError("must not contain '{' or '}'")
         return prefix
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_url(self) -> Self:
+        if self.redis_cluster and self.redis_url is None:
+            raise ValueError("REDIS_CLUSTER needs REDIS_URL: the embedded Redis is one node")
+        return self

@@ -1,27 +1,34 @@
 """StreamStore: the only code that talks to Redis. Driver errors become domain errors here."""
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 
-from app.errors import InvalidInput, StoreUnavailable, StreamNotFound
+from app.codec import config_fields, number, state_from_fields
+from app.errors import InvalidInput, LateSample, ServiceError, StoreUnavailable, StreamNotFound
 from app.keys import NAME_PATTERN, KeyLayout
-from app.models import HistoryEntry, HistoryPage, StreamConfig, StreamPage, StreamState
-from app.scripts import STATE_FIELDS, Defaults, Fields, Idempotency, Scripts, format_number
+from app.models import HistoryEntry, HistoryPage, StreamConfig, StreamPage, StreamState, Triple
+from app.scripts import Idempotency, Scripts, push_reply
 
 # Replies that mean "Redis cannot serve this right now": worth a 503 and a retry, never a 500.
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
 # Keys examined per SCAN call, and SCAN calls per listing request: bounds one request's work.
 _SCAN_COUNT = 500
 _SCAN_CALLS = 64
+_HASH_SLOTS = 16384
 _VALID_NAME = re.compile(NAME_PATTERN)
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 _IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
@@ -38,12 +45,26 @@ class StoreObserver(Protocol):
     def redis_error(self, kind: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class PushRequest:
+    """One entry of a bulk push: samples for one stream, and an optional idempotency key."""
+
+    name: str
+    samples: Sequence[Triple]
+    idempotency_key: str | None = None
+
+
+# What happened to one entry of a bulk push: its new state and whether it was an idempotent
+# replay, or the error that entry alone got.
+PushOutcome = tuple[StreamState, bool] | ServiceError
+
+
 class StreamStore:
     """Named EMA streams kept in Redis hashes, updated by one Lua script."""
 
     def __init__(
         self,
-        client: "Redis",
+        client: "Redis | RedisCluster",
         layout: KeyLayout,
         *,
         defaults: StreamConfig | None,
@@ -51,20 +72,17 @@ class StreamStore:
         idempotency_seconds: int = 86_400,
         announce: bool = True,
         retry_after: int = 1,
+        max_clock_skew: float = 3600.0,
         observer: StoreObserver | None = None,
     ) -> None:
         """`defaults` configures streams created by a push; None makes such a push a 404.
-        `announce` publishes every update for subscribers."""
+        `announce` publishes every update for subscribers. A sample's timestamp may be at most
+        `max_clock_skew` seconds past Redis server time."""
         self._client = client
         self._layout = layout
         self._scripts = Scripts(client)
-        self._create_with = (
-            None
-            if defaults is None
-            else Defaults(
-                defaults.decay, defaults.initial, defaults.auto_num_updates, defaults.history
-            )
-        )
+        self._create_with = None if defaults is None else config_fields(defaults)
+        self._max_clock_skew = max_clock_skew
         self._max_batch = max_batch
         self._idempotency_seconds = idempotency_seconds
         self._announce = announce
@@ -75,60 +93,76 @@ class StreamStore:
     async def _errors(self) -> AsyncIterator[None]:
         try:
             yield
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as error:
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as error:
+            unavailable = self._unavailable(error)
+            if unavailable is not None:
+                raise unavailable from error
+            if not str(error).startswith("EMA_"):  # the push script's own refusals are not
+                self._report_error("error")
+            raise
+
+    def _unavailable(self, error: Exception) -> StoreUnavailable | None:
+        """The 503 for an error that means "Redis cannot serve this right now" (reported to
+        the observer), or None for any other error."""
+        if isinstance(error, redis_errors.ConnectionError | redis_errors.TimeoutError):
             # Includes BusyLoadingError. A timed-out write may still have been applied.
             self._report_error(_error_kind(error))
-            raise StoreUnavailable(
+            return StoreUnavailable(
                 f"Redis is unavailable ({type(error).__name__}); a write that timed out may "
                 "or may not have been applied",
                 retry_after=self._retry_after,
-            ) from error
-        except redis_errors.ResponseError as error:
-            message = str(error)
-            if message.startswith(_TRANSIENT_REPLIES):
-                self._report_error(message.split()[0].lower())
-                raise StoreUnavailable(
-                    f"Redis is unavailable ({message.split()[0]})", retry_after=self._retry_after
-                ) from error
-            if not message.startswith("EMA_"):  # the push script's own refusals are not
-                self._report_error("error")
-            raise
+            )
+        if isinstance(error, redis_errors.RedisClusterException):
+            # No node of the cluster answered, or a slot has no node (during a failover).
+            self._report_error("clusterdown")
+            return StoreUnavailable(
+                f"Redis Cluster is unavailable ({error})", retry_after=self._retry_after
+            )
+        # redis-py strips the code from the replies it has a class for (READONLY, CLUSTERDOWN,
+        # MASTERDOWN, TRYAGAIN) and keeps it in status_code.
+        code = getattr(error, "status_code", None) or str(error).split(" ", 1)[0]
+        if isinstance(error, redis_errors.RedisError) and code in _TRANSIENT_REPLIES:
+            self._report_error(code.lower())
+            return StoreUnavailable(f"Redis is unavailable ({code})", retry_after=self._retry_after)
+        if isinstance(error, redis_errors.ClusterError):  # redirected too many times
+            self._report_error("clusterdown")
+            return StoreUnavailable(
+                f"Redis Cluster is unavailable ({error})", retry_after=self._retry_after
+            )
+        return None
 
     def _report_error(self, kind: str) -> None:
         if self._observer is not None:
             self._observer.redis_error(kind)
 
     async def ping(self) -> None:
+        """Redis answers; in a cluster, every primary does."""
         async with self._errors():
-            await self._client.ping()
+            if isinstance(self._client, RedisCluster):
+                await self._client.execute_command("PING", target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await self._client.ping()
 
     async def configure(self, name: str, config: StreamConfig) -> tuple[StreamState, bool]:
         """Create or replace a stream: its configuration set, its state reset. True if created."""
         # Any: redis-py types mapping keys as its whole (invariant) key union.
-        fields: dict[Any, str] = {
-            "d": format_number(config.decay),
-            "a": "1" if config.auto_num_updates else "0",
-            "h": str(config.history),
-            "n": "0",
-            "b": "0",
-            "p": "1",
-        }
-        if config.initial is not None:
-            fields["i"] = fields["v"] = format_number(config.initial)
+        fields: dict[Any, str] = dict(config_fields(config))
         key = self._layout.stream(name)
         async with self._errors(), self._client.pipeline(transaction=True) as pipe:
             pipe.delete(key, self._layout.history(name))
             pipe.hset(key, mapping=fields)
-            pipe.hmget(key, STATE_FIELDS)
-            existed, _, state = await pipe.execute()
-        return StreamState.from_fields(name, state), not existed
+            if config.ttl is not None:
+                pipe.expire(key, config.ttl)
+            _queue_time(pipe, key)
+            existed, *_, now = await pipe.execute()
+        return state_from_fields(name, fields, _seconds(now)), not existed
 
     async def get(self, name: str) -> StreamState:
-        async with self._errors():
-            fields = cast(Fields, await self._client.hmget(self._layout.stream(name), STATE_FIELDS))
-        if fields[0] is None:
+        """The stream's state; a rate is reported as of Redis server time now."""
+        states = await self.states([name])
+        if not states:
             raise StreamNotFound(name)
-        return StreamState.from_fields(name, fields)
+        return states[0]
 
     async def delete(self, name: str) -> None:
         async with self._errors():
@@ -142,26 +176,18 @@ class StreamStore:
     async def push(
         self,
         name: str,
-        samples: Sequence[tuple[float, int | None]],
+        samples: Sequence[Triple],
         idempotency_key: str | None = None,
     ) -> tuple[StreamState, bool]:
-        """Apply samples (value, num_updates) in order, atomically, creating the stream if
-        allowed. Returns the new state, and True when it is the stored result of an earlier
-        push with the same idempotency key (which was not applied again).
+        """Apply samples (value, num_updates, timestamp) in order, atomically, creating the
+        stream if allowed. Returns the new state, and True when it is the stored result of an
+        earlier push with the same idempotency key (which was not applied again).
 
         The batch is capped because a Lua script blocks every other client while it runs.
         """
         if len(samples) > self._max_batch:
             raise InvalidInput(f"values: at most {self._max_batch} per push, got {len(samples)}")
-        idempotency = None
-        if idempotency_key is not None:
-            if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
-                raise InvalidInput(f"Idempotency-Key: {IDEMPOTENCY_KEY_RULE}")
-            idempotency = Idempotency(
-                self._layout.idempotency(name, idempotency_key),
-                _fingerprint(samples),
-                self._idempotency_seconds,
-            )
+        idempotency = self._idempotency(name, samples, idempotency_key)
         started = time.perf_counter()
         try:
             async with self._errors():
@@ -171,35 +197,176 @@ class StreamStore:
                     create_with=self._create_with,
                     idempotency=idempotency,
                     channel=self._layout.channel(name) if self._announce else None,
+                    max_clock_skew=self._max_clock_skew,
                 )
         except redis_errors.ResponseError as error:
-            message = str(error)
-            if message.startswith("EMA_NOT_FOUND"):
-                raise StreamNotFound(name) from error
-            if message.startswith("EMA_INVALID"):
-                raise InvalidInput(message.removeprefix("EMA_INVALID ")) from error
-            if message.startswith("EMA_IDEMPOTENCY_MISMATCH"):
-                raise InvalidInput(
-                    "Idempotency-Key: already used for a different push to this stream"
-                ) from error
+            refusal = _script_refusal(name, error)
+            if refusal is not None:
+                raise refusal from error
             raise
         finally:
             if self._observer is not None:
                 self._observer.script_ran(time.perf_counter() - started)
         if self._observer is not None and not replayed:
             self._observer.applied(len(samples))
-        return StreamState.from_fields(name, fields), replayed
+        return state_from_fields(name, fields), replayed
+
+    def _idempotency(
+        self, name: str, samples: Sequence[Triple], idempotency_key: str | None
+    ) -> Idempotency | None:
+        if idempotency_key is None:
+            return None
+        if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise InvalidInput(f"Idempotency-Key: {IDEMPOTENCY_KEY_RULE}")
+        return Idempotency(
+            self._layout.idempotency(name, idempotency_key),
+            _fingerprint(samples),
+            self._idempotency_seconds,
+        )
+
+    async def push_many(self, pushes: Sequence[PushRequest]) -> list[PushOutcome]:
+        """Apply each push as `push` does, each one its own atomic script call, in one pipeline
+        per Redis node: in a cluster the pushes are grouped by the node serving their stream's
+        hash slot, and every node gets its pipeline at once. Returns, in request order, what
+        happened to each push: an error fails that push alone.
+
+        A node that fails mid-pipeline (connection lost, timeout) leaves whether its pushes were
+        applied unknown: they get a 503 saying so, the others are unaffected. At most
+        `max_batch` values in all, since a node runs its pipeline's scripts back to back.
+        """
+        total = sum(len(push.samples) for push in pushes)
+        if total > self._max_batch:
+            raise InvalidInput(
+                f"entries: at most {self._max_batch} values per bulk push, got {total}"
+            )
+        outcomes: list[PushOutcome | None] = [None] * len(pushes)
+        calls: dict[int, tuple[list[str], list[str]]] = {}
+        for index, push in enumerate(pushes):
+            try:
+                idempotency = self._idempotency(push.name, push.samples, push.idempotency_key)
+            except InvalidInput as error:
+                outcomes[index] = error
+                continue
+            calls[index] = self._scripts.push_call(
+                (self._layout.stream(push.name), self._layout.history(push.name)),
+                push.samples,
+                create_with=self._create_with,
+                idempotency=idempotency,
+                channel=self._layout.channel(push.name) if self._announce else None,
+                max_clock_skew=self._max_clock_skew,
+            )
+        async with self._errors():  # nothing is sent before the groups are known
+            groups = await self._by_node(calls)
+        await asyncio.gather(
+            *(self._push_pipeline(group, calls, pushes, outcomes) for group in groups)
+        )
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _by_node(self, calls: dict[int, tuple[list[str], list[str]]]) -> list[list[int]]:
+        """The calls' indices grouped by the Redis node that serves their keys."""
+        if not isinstance(self._client, RedisCluster):
+            return [list(calls)] if calls else []
+        await self._client.initialize()
+        groups: dict[str, list[int]] = {}
+        for index, (keys, _) in calls.items():
+            node = self._client.get_node_from_key(keys[0])
+            groups.setdefault(node.name if node else "", []).append(index)
+        return list(groups.values())
+
+    async def _push_pipeline(
+        self,
+        indices: list[int],
+        calls: dict[int, tuple[list[str], list[str]]],
+        pushes: Sequence[PushRequest],
+        outcomes: list[PushOutcome | None],
+    ) -> None:
+        """Run the push calls `indices` (all for one node) in one non-transactional pipeline."""
+        pending = indices
+        for attempt in range(2):
+            started = time.perf_counter()
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for index in pending:
+                        keys, args = calls[index]
+                        # pipe.evalsha is refused by a cluster pipeline, which cannot know
+                        # the script is loaded: the NOSCRIPT replies are handled below.
+                        pipe.execute_command(
+                            "EVALSHA", self._scripts.push_sha, len(keys), *keys, *args
+                        )
+                    replies = await pipe.execute(raise_on_error=False)
+            except (redis_errors.RedisError, redis_errors.RedisClusterException) as error:
+                failed = self._unavailable(error) or _unexpected(error)
+                for index in pending:
+                    outcomes[index] = failed
+                return
+            finally:
+                if self._observer is not None:
+                    self._observer.script_ran(time.perf_counter() - started)
+            unloaded: list[int] = []
+            ran: set[str] = set()  # streams with an entry that ran, later in the pipeline
+            for index, reply in reversed(list(zip(pending, replies, strict=True))):
+                name = pushes[index].name
+                # Not run: safe to send again once the script is loaded, unless someone loaded
+                # it meanwhile and a later entry of this stream ran (it would land out of order).
+                unrun = isinstance(reply, redis_errors.NoScriptError) and attempt == 0
+                if unrun and name not in ran:
+                    unloaded.insert(0, index)
+                    continue
+                ran.add(name)
+                outcomes[index] = self._outcome(pushes[index], reply)
+            if not unloaded:
+                return
+            # A restarted or newly promoted primary has an empty script cache.
+            await self._load_push_script()
+            pending = unloaded
+
+    async def _load_push_script(self) -> None:
+        source = self._scripts.push_source
+        if not isinstance(self._client, RedisCluster):
+            with contextlib.suppress(redis_errors.RedisError):
+                await self._client.script_load(source)
+            return
+        await asyncio.gather(
+            *(
+                self._client.execute_command("SCRIPT LOAD", source, target_nodes=node)
+                for node in self._client.get_primaries()
+            ),
+            return_exceptions=True,  # a primary that is down now will answer NOSCRIPT again
+        )
+
+    def _outcome(self, push: PushRequest, reply: object) -> PushOutcome:
+        if isinstance(reply, redis_errors.NoScriptError):
+            return StoreUnavailable(
+                "the push script was not loaded on its Redis node; not applied",
+                retry_after=self._retry_after,
+            )
+        if isinstance(reply, redis_errors.ResponseError):
+            refusal = _script_refusal(push.name, reply)
+            if refusal is not None:
+                return refusal
+        if isinstance(reply, Exception):
+            failed = self._unavailable(reply)
+            if failed is None:
+                self._report_error("error")
+            return failed or _unexpected(reply)
+        fields, replayed = push_reply(reply)
+        if self._observer is not None and not replayed:
+            self._observer.applied(len(push.samples))
+        return state_from_fields(push.name, fields), replayed
 
     async def states(self, names: Sequence[str]) -> list[StreamState]:
-        """The states of those of `names` that exist, in one round trip."""
+        """The states of those of `names` that exist, in one round trip, with rates as of Redis
+        server time now."""
         async with self._errors(), self._client.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hmget(self._layout.stream(name), STATE_FIELDS)
-            replies = await pipe.execute()
+                pipe.hgetall(self._layout.stream(name))
+            _queue_time(pipe, self._layout.stream(names[0] if names else ""))
+            *replies, time_reply = await pipe.execute()
+        now = _seconds(time_reply)
         return [
-            StreamState.from_fields(name, fields)
+            state_from_fields(name, fields, now)
             for name, fields in zip(names, replies, strict=True)
-            if fields[0] is not None
+            if fields
         ]
 
     async def history(self, name: str, since: int, limit: int) -> HistoryPage:
@@ -225,18 +392,18 @@ class StreamStore:
     async def list(self, prefix: str, cursor: str | None, limit: int) -> StreamPage:
         """Up to `limit` names starting with `prefix`, in no particular order, by SCAN.
 
-        The cursor is (SCAN cursor, last name returned from that SCAN batch): a page may stop
+        The cursor is (SCAN position, last name returned from that SCAN batch): a page may stop
         inside a batch, and re-reading the batch resumes after that name. As with SCAN, a
-        stream that exists for the whole listing is returned at least once.
+        stream that exists for the whole listing is returned at least once. In a cluster the
+        position also names the primary being walked, by the first hash slot it serves (which
+        a failover does not change), and the walk goes through every primary in slot order.
         """
-        scan_cursor, after = _decode_cursor(cursor)
+        position, after = _decode_cursor(cursor)
         pattern = self._layout.scan_pattern(prefix)
         names: list[str] = []
         async with self._errors():
             for _ in range(_SCAN_CALLS):
-                next_cursor, keys = await self._client.scan(
-                    scan_cursor, match=pattern, count=_SCAN_COUNT
-                )
+                next_position, keys = await self._scan(position, pattern)
                 batch = sorted(
                     name
                     for name in {self._layout.name_of(str(key)) for key in keys}
@@ -246,15 +413,71 @@ class StreamStore:
                 room = limit - len(names)
                 if len(batch) > room:
                     names += batch[:room]
-                    resume = _encode_cursor(scan_cursor, names[-1])
+                    resume = _encode_cursor(position, names[-1])
                     return StreamPage(streams=names, next_cursor=resume)
                 names += batch
-                if next_cursor == 0:
+                if next_position is None:
                     return StreamPage(streams=names, next_cursor=None)
-                scan_cursor = next_cursor
+                position = next_position
                 if len(names) == limit:
                     break
-        return StreamPage(streams=names, next_cursor=_encode_cursor(scan_cursor, ""))
+        return StreamPage(streams=names, next_cursor=_encode_cursor(position, ""))
+
+    async def _scan(
+        self, position: "Position", pattern: str
+    ) -> tuple["Position | None", Sequence[str]]:
+        """One SCAN call from `position`; the position after it, None when the walk is over."""
+        shard, scan_cursor = position
+        if not isinstance(self._client, RedisCluster):
+            next_cursor, keys = await self._client.scan(
+                scan_cursor, match=pattern, count=_SCAN_COUNT
+            )
+            return (None if next_cursor == 0 else (None, next_cursor)), cast(list[str], keys)
+        await self._client.initialize()  # a no-op unless the topology must be (re)read
+        shards = _first_slots(self._client)
+        if shard is None:
+            shard = shards[0]
+        node = self._client.nodes_manager.get_node_from_slot(shard)
+        cursors, keys = await self._client.execute_command(
+            "SCAN", scan_cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT, target_nodes=node
+        )
+        next_cursor = int(cursors[node.name])
+        if next_cursor != 0:
+            return (shard, next_cursor), keys
+        later = [first for first in shards if first > shard]
+        return ((later[0], 0) if later else None), keys
+
+
+def _script_refusal(name: str, error: redis_errors.ResponseError) -> ServiceError | None:
+    """The domain error for the push script's own refusals (EMA_...), None for other errors."""
+    message = str(error)
+    if message.startswith("EMA_NOT_FOUND"):
+        return StreamNotFound(name)
+    if message.startswith("EMA_INVALID"):
+        return InvalidInput(message.removeprefix("EMA_INVALID "))
+    if message.startswith("EMA_LATE"):
+        return LateSample(message.removeprefix("EMA_LATE "))
+    if message.startswith("EMA_IDEMPOTENCY_MISMATCH"):
+        return InvalidInput("Idempotency-Key: already used for a different push to this stream")
+    return None
+
+
+def _unexpected(error: BaseException) -> ServiceError:
+    return ServiceError(f"Redis failed this push unexpectedly ({type(error).__name__}: {error})")
+
+
+def _queue_time(pipe: "Pipeline | ClusterPipeline", key: str) -> None:
+    """Queue Redis server's TIME. A cluster pipeline refuses TIME, which has no key to route it
+    by (and a transaction must stay on one node): there the node of `key` reads its clock."""
+    if isinstance(pipe, ClusterPipeline):
+        pipe.execute_command("EVAL", "return redis.call('TIME')", 1, key)
+    else:
+        pipe.time()
+
+
+def _seconds(time_reply: Sequence[str | int]) -> float:
+    seconds, micros = time_reply
+    return int(seconds) + int(micros) / 1e6
 
 
 def _error_kind(error: Exception) -> str:
@@ -265,24 +488,48 @@ def _error_kind(error: Exception) -> str:
     return "connection"
 
 
-def _fingerprint(samples: Sequence[tuple[float, int | None]]) -> str:
+def _fingerprint(samples: Sequence[Triple]) -> str:
     # Of the parsed push, not its bytes: {"value": 5} and {"value": 5.0} are the same push.
-    text = ";".join(f"{format_number(value)},{steps}" for value, steps in samples)
+    text = ";".join(f"{number(value)},{steps},{at}" for value, steps, at in samples)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _encode_cursor(scan_cursor: int, after: str) -> str:
-    return base64.urlsafe_b64encode(f"{scan_cursor}/{after}".encode()).decode().rstrip("=")
+# Where a listing is: (the first hash slot of the cluster primary being walked, None on a single
+# Redis; the SCAN cursor on it).
+Position = tuple[int | None, int]
 
 
-def _decode_cursor(cursor: str | None) -> tuple[int, str]:
+def _first_slots(client: RedisCluster) -> list[int]:
+    """The first hash slot each primary serves, in order: a primary's name in a listing cursor.
+
+    A failover leaves it unchanged (the replica takes over the same slots), a node's address
+    would not."""
+    firsts: dict[str, int] = {}
+    for slot, nodes in client.nodes_manager.slots_cache.items():
+        name = nodes[0].name
+        firsts[name] = min(slot, firsts.get(name, slot))
+    return sorted(firsts.values())
+
+
+def _encode_cursor(position: Position, after: str) -> str:
+    shard, scan_cursor = position
+    head = f"{scan_cursor}" if shard is None else f"{shard}:{scan_cursor}"
+    return base64.urlsafe_b64encode(f"{head}/{after}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> tuple[Position, str]:
     if not cursor:
-        return 0, ""
+        return (None, 0), ""
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        scan_cursor, after = text.split("/", 1)
-        if not scan_cursor.isdigit() or (after and not _VALID_NAME.match(after)):
+        head, after = text.split("/", 1)
+        shard, _, scan_cursor = head.rpartition(":")
+        if (
+            not scan_cursor.isdigit()
+            or (shard and not (shard.isdigit() and int(shard) < _HASH_SLOTS))
+            or (after and not _VALID_NAME.match(after))
+        ):
             raise ValueError(text)
-        return int(scan_cursor), after
+        return (int(shard) if shard else None, int(scan_cursor)), after
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidInput("cursor: not a cursor returned by this service") from None

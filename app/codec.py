@@ -1,0 +1,132 @@
+"""A stream's Redis hash fields, to and from the API's models. The field names are documented
+in app/lua/push.lua, the script that writes them."""
+
+import math
+from collections.abc import Mapping
+
+from app.models import StreamConfig, StreamState, Window, WindowState
+
+
+def number(x: float) -> str:
+    """The shortest decimal that reads back as exactly `x` (Lua's tonumber is strtod)."""
+    return repr(x)
+
+
+def config_fields(config: StreamConfig) -> dict[str, str]:
+    """The hash of a new stream with this configuration, before any value."""
+    fields = {"n": "0", "h": str(config.history)}
+    if config.decay is not None:
+        fields |= {"d": number(config.decay), "b": "0", "p": "1"}
+        fields["a"] = "1" if config.auto_num_updates else "0"
+        if config.initial is not None:
+            fields["i"] = fields["v"] = number(config.initial)
+    else:
+        assert config.halflife is not None
+        fields["H"] = number(config.halflife)
+    if config.kind == "rate":
+        fields["k"] = "r"
+    if config.late == "reject":
+        fields["L"] = "r"
+    if config.ttl is not None:
+        fields["x"] = str(config.ttl)
+    if config.windows:
+        fields["W"] = ",".join(
+            f"{w.name}:d{number(w.decay)}"
+            if w.decay is not None
+            else f"{w.name}:h{number(w.halflife or 0)}"
+            for w in config.windows
+        )
+    return fields
+
+
+def encode_fields(fields: Mapping[str, str]) -> str:
+    """`field=value;field=value`, as push.lua takes a new stream's fields."""
+    return ";".join(f"{field}={value}" for field, value in fields.items())
+
+
+def decode_fields(text: str) -> dict[str, str]:
+    """The inverse of encode_fields: push.lua's announcements are written so."""
+    return dict(part.split("=", 1) for part in text.split(";") if part)
+
+
+def _config(fields: Mapping[str, str]) -> StreamConfig:
+    windows = []
+    for spec in filter(None, fields.get("W", "").split(",")):
+        name, _, param = spec.partition(":")
+        kind, value = param[0], float(param[1:])
+        windows.append(
+            Window.model_construct(
+                name=name,
+                decay=value if kind == "d" else None,
+                halflife=value if kind == "h" else None,
+            )
+        )
+    return StreamConfig.model_construct(
+        decay=_float(fields.get("d")),
+        halflife=_float(fields.get("H")),
+        kind="rate" if fields.get("k") == "r" else "mean",
+        initial=_float(fields.get("i")),
+        auto_num_updates=fields.get("a") == "1",
+        windows=windows or None,
+        late="reject" if fields.get("L") == "r" else "merge",
+        ttl=int(fields["x"]) if "x" in fields else None,
+        history=int(fields.get("h", 0)),
+    )
+
+
+def _average(
+    fields: Mapping[str, str], suffix: str, halflife: float | None, rate: bool, now: float
+) -> float | None:
+    """A window's value: its shadow, its weighted mean, or its rate decayed to `now`."""
+    if halflife is None:
+        return _float(fields.get("v" + suffix))
+    total, weight = _float(fields.get("S" + suffix)), _float(fields.get("Z" + suffix))
+    if total is None or weight is None or weight == 0:
+        return None
+    if rate:
+        newest = float(fields["E"])
+        return total * math.log(2) / halflife * 2 ** ((newest - now) / halflife)
+    return total / weight
+
+
+def state_from_fields(
+    name: str, fields: Mapping[str, str], now: float | None = None
+) -> StreamState:
+    """The state of a stream from its hash. `now` (Redis server time) is when a rate stream's
+    rate is reported for; by default, its last update's time."""
+    config = _config(fields)
+    count = int(fields["n"])
+    rate = config.kind == "rate"
+    at = now if now is not None else _float(fields.get("t")) or 0.0
+    value = _average(fields, "", config.halflife, rate, at)
+    if config.decay is not None:
+        correction = 1.0 - float(fields["p"])
+        debiased = float(fields["b"]) / correction if count and correction else None
+    else:
+        debiased = None if rate else value
+    windows = None
+    if config.windows:
+        windows = {
+            w.name: WindowState.model_construct(
+                value=_average(fields, f":{w.name}", w.halflife, rate, at),
+                decay=w.decay,
+                halflife=w.halflife,
+            )
+            for w in config.windows
+        }
+    return StreamState.model_construct(
+        name=name,
+        value=value,
+        debiased=debiased,
+        count=count,
+        last=_float(fields.get("l")),
+        decay_used=_float(fields.get("u")),
+        updated_at=_float(fields.get("t")),
+        timestamp=_float(fields.get("E")),
+        windows=windows,
+        config=config,
+    )
+
+
+def _float(text: str | None) -> float | None:
+    return None if text is None else float(text)
