@@ -33,6 +33,8 @@ from types import FrameType
 from capture import PushCall, Template, push_call, read_template, watch
 from loadgen import RedisBenchmark, Result, WrkLoad, missing_tools
 from servers import BenchError, Group, HttpServer, RedisServer, stop_all
+from subscribers import SubscriberFigures
+from subscribers import measure as measure_subscribers
 
 ROOT = Path(__file__).resolve().parent.parent
 PUSH_LUA = ROOT / "app" / "lua" / "push.lua"
@@ -305,6 +307,25 @@ class Bench:
         job.figure.results.append(job.check(result))
 
 
+def subscriber_figures(bench: Bench) -> SubscriberFigures:
+    """Push throughput with open subscribers against none, and the delay to delivery."""
+    server = bench.servers[SERVICE]
+    args = [str(STREAMS), str(bench.bodies[PUSH])]
+    bench.reset()
+    bench.wrk.run(server.url, "post.lua", args, max(bench.args.warmup, 1))
+    return measure_subscribers(
+        server,
+        [stream_name(index) for index in range(STREAMS)],
+        bench.args.subscribers,
+        bench.args.rounds,
+        push=lambda: bench.wrk.run(server.url, "post.lua", args, bench.args.duration),
+        # 4 connections, each pausing 20ms after every reply: a steady ~150 pushes/s.
+        paced=lambda: WrkLoad(1, 4).run(server.url, "paced.lua", [*args, "20"], 4),
+        reset=bench.reset,
+        progress=progress,
+    )
+
+
 def http_json(url: str, name: str, body: object = None) -> None:
     """One request by hand (a push if `body`, else a GET): a target that does not work fails
     loudly here, not as a rate of errors."""
@@ -459,6 +480,17 @@ def parse_args() -> argparse.Namespace:
         default=32,
         help="wrk connections and redis-benchmark clients (default 32)",
     )
+    parser.add_argument(
+        "--subscribers",
+        type=int,
+        default=100,
+        help="event streams open for the pushes-with-subscribers figures (default 100; 0: skip)",
+    )
+    parser.add_argument(
+        "--subscribers-only",
+        action="store_true",
+        help="only the pushes-with-subscribers figures (bench/subscribers.py)",
+    )
     args = parser.parse_args()
     for name, default, quick in (("duration", 2, 2), ("rounds", 3, 1), ("warmup", 1, 0)):
         if getattr(args, name) is None:
@@ -498,11 +530,23 @@ def main() -> int:
             contextlib.ExitStack() as stack,
         ):
             bench = Bench(args, Path(tmp), stack)
-            bench.run()
+            if not args.subscribers_only:
+                bench.run()
+            subscribed = subscriber_figures(bench) if args.subscribers > 0 else None
             progress("done; stopping the servers")
         print(preamble(bench, started, load_before))
-        print()
-        print(table(bench.figures))
+        if bench.figures:
+            print()
+            print(table(bench.figures))
+        if subscribed is not None:
+            print()
+            print(
+                f"Pushes of 1 value (wrk -c{args.connections}) to the {STREAMS} streams, with "
+                f"{args.subscribers} event streams open on them (bench/subscribers.py) and with "
+                f"none, in {args.rounds} interleaved round(s) of {args.duration}s:"
+            )
+            print()
+            print(subscribed.table())
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
