@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Final, Literal
 from urllib.parse import parse_qs
 
@@ -48,6 +49,10 @@ class ApiKey(BaseModel):
     prefixes: tuple[str, ...] | None = Field(
         default=None, description="Stream-name prefixes the key is limited to; null: all."
     )
+
+    def may(self, scope: Permission) -> bool:
+        """Does this key have `scope` (over some streams at least)?"""
+        return scope in self.scopes or "admin" in self.scopes
 
     def allows(self, scope: Permission, name_prefix: str) -> bool:
         """May this key act with `scope` on every stream whose name starts with `name_prefix`?"""
@@ -77,6 +82,8 @@ class Need:
 
     scope: Permission
     prefix: str
+    # The route checks each stream it acts on itself (bulk pushes): only the scope is needed.
+    per_stream: bool = False
 
 
 def need_of(method: str, path: str, query: dict[str, list[str]]) -> Need | None:
@@ -91,9 +98,10 @@ def need_of(method: str, path: str, query: dict[str, list[str]]) -> Need | None:
         return Need("write" if sub == "/values" else "admin", name)
     if path in ("/v1/streams", "/v1/events"):
         return Need("read", query.get("prefix", [""])[0])
-    # Anything else (metrics, bulk pushes checked per entry, unknown routes): a valid key with
-    # the scope, over every stream.
-    return Need(read or ("write" if path == "/v1/values" else "admin"), "")
+    if path == "/v1/values" and not read:
+        return Need("write", "", per_stream=True)
+    # Anything else (metrics, unknown routes): a valid key with the scope, over every stream.
+    return Need(read or "admin", "")
 
 
 class ApiKeyAuth:
@@ -128,7 +136,9 @@ class ApiKeyAuth:
         holder = self._holder(presented) if presented else None
         if holder is None:
             error = Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
-        elif not holder.allows(need.scope, need.prefix):
+        elif not (
+            holder.may(need.scope) if need.per_stream else holder.allows(need.scope, need.prefix)
+        ):
             where = f"streams starting with {need.prefix!r}" if need.prefix else "every stream"
             limits = f" (it is limited to {list(holder.prefixes)})" if holder.prefixes else ""
             error = Forbidden(f"the key {holder.name!r} may not {need.scope} {where}{limits}")
@@ -146,6 +156,24 @@ def _bearer(scope: Scope) -> str | None:
             if kind.lower() == "bearer" and token:
                 return token.strip()
     return None
+
+
+def write_compose_keys(directory: Path) -> str:
+    """Write the keys docker-compose.yml runs with into `directory`: `api-keys.json` (the hashes
+    of an admin key and of a read-only key for Prometheus) and `metrics-key` (that read-only
+    key). Returns the admin key, which is stored nowhere."""
+    admin, metrics = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    entries = [
+        ApiKey(name="admin", sha256=hash_key(admin), scopes=frozenset({"admin"})),
+        ApiKey(name="prometheus", sha256=hash_key(metrics), scopes=frozenset({"read"})),
+    ]
+    directory.mkdir(parents=True, exist_ok=True)
+    listed = [entry.model_dump(mode="json") for entry in entries]
+    (directory / "api-keys.json").write_text(json.dumps(listed, indent=2) + "\n")
+    (directory / "metrics-key").write_text(metrics)
+    for name in ("api-keys.json", "metrics-key"):
+        (directory / name).chmod(0o600)
+    return admin
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AliasChoices, Field, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -98,16 +98,19 @@ class Settings(BaseSettings):
         default=None, description="A JSON file of more API keys, in the same form (a secret)."
     )
 
-    @model_validator(mode="after")
-    def _read_api_keys_file(self) -> Self:
-        if self.api_keys_file is None:
-            return self
+    @model_validator(mode="before")
+    @classmethod
+    def _read_api_keys_file(cls, data: Any) -> Any:
+        # The file's keys join EMA_API_KEYS', read once at start like every other setting.
+        if not isinstance(data, dict) or not data.get("api_keys_file"):
+            return data
+        path = Path(data["api_keys_file"])
         try:
-            listed = _API_KEY_LIST.validate_json(self.api_keys_file.read_bytes())
+            listed = _API_KEY_LIST.validate_json(path.read_bytes())
         except OSError as error:
-            raise ValueError(f"api_keys_file: cannot read it ({error.strerror})") from None
-        merged = (*self.api_keys, *listed)
-        return self.model_copy(update={"api_keys": merged, "api_keys_file": None})
+            raise ValueError(f"api_keys_file: cannot read {path} ({error.strerror})") from None
+        given = data.get("api_keys") or []
+        return {**data, "api_keys": [*_API_KEY_LIST.validate_python(given), *listed]}
 
     @property
     def metrics_prefixes(self) -> tuple[str, ...]:

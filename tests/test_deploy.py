@@ -6,6 +6,7 @@ rules). What the service makes of its environment comes from app.settings.Settin
 health-check commands are run for real against a stub HTTP server.
 """
 
+import functools
 import json
 import os
 import posixpath
@@ -13,6 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ import yaml
 from pydantic import AliasChoices, AliasPath, ValidationError
 from pydantic_settings import SettingsError
 
+from app.auth import ApiKey, hash_key, write_compose_keys
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,9 +313,24 @@ def published_ports(definition: dict[str, Any]) -> list[tuple[str | None, int]]:
 # --- what the container runs ------------------------------------------------------------------
 
 
+@functools.cache
+def compose_secrets() -> Path:
+    """The compose secrets, as scripts/compose-keys makes them, in a folder of their own."""
+    folder = Path(tempfile.mkdtemp(prefix="ema-compose-secrets-"))
+    write_compose_keys(folder)
+    return folder
+
+
 def container_env() -> dict[str, str]:
-    """The app container's environment: the image's ENV, then compose's `environment`."""
-    return {**stage_env(dockerfile().final), **compose_env(service("app"))}
+    """The app container's environment: the image's ENV, then compose's `environment`, with
+    the compose secrets it names (/run/secrets/...) where this test can read them."""
+    env = {**stage_env(dockerfile().final), **compose_env(service("app"))}
+    secrets = compose().get("secrets", {})
+    for name, value in env.items():
+        secret = value.removeprefix("/run/secrets/")
+        if value.startswith("/run/secrets/") and secret in secrets:
+            env[name] = str(compose_secrets() / Path(secrets[secret]["file"]).name)
+    return env
 
 
 def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -652,3 +670,30 @@ def test_container_environment_is_valid(container_settings: Settings) -> None:
     for name, value in container_env().items():
         if name.upper() == "EMA_WORKERS":
             assert container_settings.workers == int(value)
+
+
+def test_compose_runs_with_api_keys_and_prometheus_holds_a_read_key(tmp_path: Path) -> None:
+    secrets = compose()["secrets"]
+    app, prometheus = service("app"), service("prometheus")
+    keys_file = compose_env(app)["EMA_API_KEYS_FILE"]
+    assert keys_file.startswith("/run/secrets/")
+    assert keys_file.removeprefix("/run/secrets/") in app["secrets"]
+    metrics_secret = next(name for name in prometheus["secrets"] if name in secrets)
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["authorization"]["credentials_file"] == f"/run/secrets/{metrics_secret}"
+    # The files the secrets name are what scripts/compose-keys writes, and git-ignored.
+    made = write_compose_keys(tmp_path)
+    for name, secret in secrets.items():
+        path = Path(secret["file"])
+        assert path.parent == Path("deploy/secrets"), name
+        assert (tmp_path / path.name).exists(), name
+    assert "/deploy/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    keys = settings_with_file(tmp_path / "api-keys.json")
+    metrics_key = (tmp_path / "metrics-key").read_text()
+    holders = {key.name: key for key in keys if key.sha256 == hash_key(metrics_key)}
+    assert [key.scopes for key in holders.values()] == [frozenset({"read"})]
+    assert any(key.sha256 == hash_key(made) and "admin" in key.scopes for key in keys)
+
+
+def settings_with_file(path: Path) -> tuple[ApiKey, ...]:
+    return Settings(api_keys_file=path).api_keys  # type: ignore[call-arg]
