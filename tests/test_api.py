@@ -13,13 +13,16 @@ pytestmark = pytest.mark.anyio
 async def test_put_creates_then_replaces_and_resets(client: httpx.AsyncClient) -> None:
     created = await client.put("/v1/streams/cpu", json={"decay": 0.9, "initial": 1.0})
     assert created.status_code == 201
-    assert created.json()["config"].items() >= {
-        "decay": 0.9,
-        "halflife": None,
-        "initial": 1.0,
-        "auto_num_updates": False,
-        "history": 0,
-    }.items()
+    assert (
+        created.json()["config"].items()
+        >= {
+            "decay": 0.9,
+            "halflife": None,
+            "initial": 1.0,
+            "auto_num_updates": False,
+            "history": 0,
+        }.items()
+    )
     await client.post("/v1/streams/cpu/values", json={"value": 100.0})
     replaced = await client.put("/v1/streams/cpu", json={"decay": 0.5})
     assert replaced.status_code == 200
@@ -63,12 +66,15 @@ async def test_push_creates_missing_stream_with_server_defaults(
     settings = make_settings(redis_server.url, default_decay=0.5, default_initial=10.0)
     async for client in serve(settings):
         state = (await client.post("/v1/streams/new/values", json={"value": 20})).json()
-        assert state["config"].items() >= {
-            "decay": 0.5,
-            "initial": 10.0,
-            "auto_num_updates": False,
-            "history": 0,
-        }.items()
+        assert (
+            state["config"].items()
+            >= {
+                "decay": 0.5,
+                "initial": 10.0,
+                "auto_num_updates": False,
+                "history": 0,
+            }.items()
+        )
         assert state["value"] == 15.0
 
 
