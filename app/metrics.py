@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Final
 
 import anyio
@@ -37,6 +38,7 @@ _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "O
 _HTTP_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _SCRIPT_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _SCRIPT_BUCKETS_SLOW: Final = (0.25, 0.5, 1, 2.5, 5)
+_DIR_PREFIX: Final = "ema-metrics-"
 _PAGE: Final = 1000  # names per listing page and states per pipelined read, at scrape time
 
 
@@ -46,9 +48,24 @@ def multiprocess_directory(workers: int) -> str | None:
     it is imported). Remove it with remove_multiprocess_directory once they have stopped."""
     if workers <= 1:
         return None
-    path = tempfile.mkdtemp(prefix="ema-metrics-")
+    # A folder left by a service that was killed (it could not remove it) goes now.
+    for stale in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+        owner = stale.name.removeprefix(_DIR_PREFIX).split("-")[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
     os.environ[MULTIPROC_DIR] = path
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def remove_multiprocess_directory(path: str | None) -> None:

@@ -1,5 +1,9 @@
 """`GET /metrics`: the Prometheus exposition, read back with prometheus-client's own parsers."""
 
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from app.main import create_app
-from app.metrics import UNMATCHED, RouteMatcher
+from app.metrics import (
+    MULTIPROC_DIR,
+    UNMATCHED,
+    RouteMatcher,
+    multiprocess_directory,
+    remove_multiprocess_directory,
+)
 from app.settings import Settings
 from tests.conftest import make_settings, serve
 from tests.redis_server import RedisServer, free_port
@@ -333,3 +343,31 @@ def test_workers_add_up_and_open_event_streams_are_counted(
             assert real_scrape(service.url).value("ema_subscriptions_open") == 0
     finally:
         service.kill()
+
+
+def test_workers_get_a_private_metrics_folder_and_stale_ones_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv(MULTIPROC_DIR, "set only so that the teardown restores the environment")
+    monkeypatch.delenv(MULTIPROC_DIR)
+    assert multiprocess_directory(1) is None
+    assert MULTIPROC_DIR not in os.environ
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"ema-metrics-{dead.pid}-x"
+    live = tmp_path / f"ema-metrics-{os.getppid()}-y"
+    unrelated = tmp_path / "ema-metrics-notapid"
+    for folder in (stale, live, unrelated):
+        folder.mkdir()
+    path = multiprocess_directory(2)
+    assert path is not None
+    assert os.environ[MULTIPROC_DIR] == path
+    assert Path(path).parent == tmp_path
+    assert Path(path).name.startswith(f"ema-metrics-{os.getpid()}-")
+    assert not stale.exists()
+    assert live.exists()
+    assert unrelated.exists()
+    remove_multiprocess_directory(path)
+    assert not Path(path).exists()
+    assert MULTIPROC_DIR not in os.environ
