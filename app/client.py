@@ -476,14 +476,28 @@ def _idempotency(idempotent: bool, key: str | None) -> dict[str, str]:
     return {"idempotency-key": key or str(uuid.uuid4())}
 
 
+def _config(
+    decay: float | None,
+    halflife: float | None,
+    initial: float | None,
+    auto_num_updates: bool,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "decay": decay,
+        "halflife": halflife,
+        "initial": initial,
+        "auto_num_updates": auto_num_updates or None,
+        **config,
+    }
+
+
 class _Calls:
     """Every API call, built without I/O: both clients send these."""
 
     @staticmethod
-    def create(
-        name: str, decay: float, initial: float | None, auto_num_updates: bool
-    ) -> _Call[State]:
-        body = {"decay": decay, "initial": initial, "auto_num_updates": auto_num_updates}
+    def create(name: str, config: dict[str, Any]) -> _Call[State]:
+        body = {key: value for key, value in config.items() if value is not None}
         return _Call("PUT", _stream_path(name), _model(State), body=body, mutates=True)
 
     @staticmethod
@@ -544,6 +558,8 @@ def _bulk_results(streams: list[str], reply: Any) -> list[BulkResult]:
         try:
             if isinstance(item, dict) and isinstance(item.get("error"), dict):
                 results.append(BulkResult(stream, error=Problem.model_validate(item["error"])))
+            elif isinstance(item, dict) and isinstance(item.get("state"), dict):
+                results.append(BulkResult(stream, state=State.model_validate(item["state"])))
             elif isinstance(item, dict) and "status" in item and "count" not in item:
                 results.append(BulkResult(stream, error=Problem.model_validate(item)))
             else:
@@ -837,12 +853,18 @@ class Client(_ClientBase):
         self,
         name: str,
         *,
-        decay: float,
+        decay: float | None = None,
+        halflife: float | None = None,
         initial: float | None = None,
         auto_num_updates: bool = False,
+        **config: Any,
     ) -> State:
-        """Creates the stream, or replaces its configuration (its state starts over)."""
-        return self._run(_Calls.create(name, decay, initial, auto_num_updates))
+        """Creates the stream, or replaces its configuration (its state starts over). Give a
+        `decay` or a `halflife`; `config` takes the other fields of the service's StreamConfig
+        (kind, windows, late, ttl, history)."""
+        return self._run(
+            _Calls.create(name, _config(decay, halflife, initial, auto_num_updates, config))
+        )
 
     def get(self, name: str) -> State:
         """The stream's state; raises NotFound when there is no such stream."""
@@ -976,12 +998,18 @@ class AsyncClient(_ClientBase):
         self,
         name: str,
         *,
-        decay: float,
+        decay: float | None = None,
+        halflife: float | None = None,
         initial: float | None = None,
         auto_num_updates: bool = False,
+        **config: Any,
     ) -> State:
-        """Creates the stream, or replaces its configuration (its state starts over)."""
-        return await self._run(_Calls.create(name, decay, initial, auto_num_updates))
+        """Creates the stream, or replaces its configuration (its state starts over). Give a
+        `decay` or a `halflife`; `config` takes the other fields of the service's StreamConfig
+        (kind, windows, late, ttl, history)."""
+        return await self._run(
+            _Calls.create(name, _config(decay, halflife, initial, auto_num_updates, config))
+        )
 
     async def get(self, name: str) -> State:
         """The stream's state; raises NotFound when there is no such stream."""

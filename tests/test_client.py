@@ -677,3 +677,13 @@ async def test_async_subscribe_yields_updates(service: Service, name: str) -> No
     assert isinstance(first, Update)
     assert isinstance(second, Update)
     assert second.count > first.count
+
+
+def test_create_takes_every_configuration_field(ema: Client, name: str) -> None:
+    windows = [{"name": "1m", "halflife": 60.0}, {"name": "fast", "decay": 0.9}]
+    state = ema.create(name, halflife=10.0, windows=windows, ttl=3600)
+    assert (state.config.halflife, state.config.decay) == (10.0, None)
+    pushed = ema.push_many(name, [Sample(2.0, timestamp=1000.0), Sample(4.0, timestamp=1010.0)])
+    assert pushed.value == (2.0 * 0.5 + 4.0) / 1.5
+    assert pushed.windows is not None
+    assert set(pushed.windows) == {"1m", "fast"}
