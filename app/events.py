@@ -26,6 +26,18 @@ log = logging.getLogger(__name__)
 _RECONNECT_DELAY = 0.5
 
 
+@dataclass(frozen=True)
+class Update:
+    """One applied update, its state rendered as JSON once for all the subscribers."""
+
+    count: int
+    data: str
+
+    @classmethod
+    def of(cls, state: StreamState) -> "Update":
+        return cls(state.count, state.model_dump_json())
+
+
 @dataclass
 class Lagged:
     """Updates a subscriber did not get: `missed` of them, or an unknown number (None)."""
@@ -40,10 +52,10 @@ class Subscription:
     topic: str
     is_pattern: bool
     queue_size: int
-    updates: asyncio.Queue[StreamState | Lagged | None] = field(default_factory=asyncio.Queue)
+    updates: asyncio.Queue[Update | Lagged | None] = field(default_factory=asyncio.Queue)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def offer(self, item: StreamState | Lagged) -> None:
+    def offer(self, item: Update | Lagged) -> None:
         """Queue an update; a full queue is replaced by one Lagged counting what it held."""
         if self.updates.qsize() >= self.queue_size:
             missed: int | None = 0
@@ -189,10 +201,12 @@ class EventHub:
             return
         channel = str(message["channel"])
         fields = decode_fields(str(message["data"]))
-        state = state_from_fields(self._layout.name_of_channel(channel), fields)
         topic = str(message["pattern"]) if kind == "pmessage" else channel
-        for subscription in self._subscribers.get(topic, ()):
-            subscription.offer(state)
+        subscribers = self._subscribers.get(topic)
+        if subscribers:
+            update = Update.of(state_from_fields(self._layout.name_of_channel(channel), fields))
+            for subscription in subscribers:
+                subscription.offer(update)
 
 
 class PubSubSource(Protocol):

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import redis
 
-from app.events import Lagged, Subscription
+from app.events import Lagged, Subscription, Update
 from app.models import StreamConfig, StreamState
 from tests.redis_server import RedisServer
 from tests.reference import ReferenceEma
@@ -160,11 +160,13 @@ def test_sigterm_ends_subscriptions_cleanly(
     assert first.process.wait(10) == 0
 
 
-def state(count: int) -> StreamState:
+def state(count: int) -> Update:
     config = StreamConfig(decay=0.5)
-    return StreamState(
-        name="s", value=1.0, debiased=1.0, count=count, last=1.0, decay_used=0.5,
-        updated_at=0.0, config=config,
+    return Update.of(
+        StreamState(
+            name="s", value=1.0, debiased=1.0, count=count, last=1.0, decay_used=0.5,
+            updated_at=0.0, config=config,
+        )
     )  # fmt: skip
 
 

@@ -10,22 +10,23 @@ from starlette.responses import StreamingResponse
 
 from app.deps import HubDep, SettingsDep, StoreDep, StreamName
 from app.errors import StoreUnavailable, StreamNotFound, problem_responses
-from app.events import EventHub, Lagged, Subscription
+from app.events import EventHub, Lagged, Subscription, Update
 from app.keys import NAME_MAX_LENGTH
-from app.models import MAX_COUNT, StreamState
+from app.models import MAX_COUNT
 from app.store import StreamStore
 
 router = APIRouter(tags=["events"])
 
+_BURST = 256
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _EVENT_STREAM: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "An event stream"}
 }
 
 
-def _update(state: StreamState, with_id: bool) -> str:
-    head = f"id: {state.count}\n" if with_id else ""
-    return f"{head}event: update\ndata: {state.model_dump_json()}\n\n"
+def _update(update: Update, with_id: bool) -> str:
+    head = f"id: {update.count}\n" if with_id else ""
+    return f"{head}event: update\ndata: {update.data}\n\n"
 
 
 def _lagged(missed: int | None) -> str:
@@ -84,17 +85,25 @@ async def _follow(
             yield _lagged(None)
     while True:
         try:
-            item = await asyncio.wait_for(subscription.updates.get(), heartbeat)
+            first = await asyncio.wait_for(subscription.updates.get(), heartbeat)
         except TimeoutError:
             yield ": keep-alive\n\n"
             continue
-        if item is None:
-            yield "event: shutdown\ndata: {}\n\n"
-            return
-        if isinstance(item, Lagged):
-            yield _lagged(item.missed)
-        elif item.count > seen:
-            yield _update(item, with_ids)
+        # Whatever else is queued goes in the same write: one send for a burst of updates.
+        items = [first]
+        while len(items) < _BURST and not subscription.updates.empty():
+            items.append(subscription.updates.get_nowait())
+        chunk: list[str] = []
+        for item in items:
+            if item is None:
+                yield "".join([*chunk, "event: shutdown\ndata: {}\n\n"])
+                return
+            if isinstance(item, Lagged):
+                chunk.append(_lagged(item.missed))
+            elif item.count > seen:
+                chunk.append(_update(item, with_ids))
+        if chunk:
+            yield "".join(chunk)
 
 
 def _stream(
