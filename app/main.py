@@ -55,6 +55,10 @@ def redis_client(url: str, settings: Settings) -> "Redis | RedisCluster":
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,
             retry=Retry(NoBackoff(), 0),
+            # A MOVED patches the slot map (a failover's first MOVED moves the whole shard):
+            # never the periodic full refresh, which closes every node's connections, and with
+            # them the commands in flight on healthy nodes, whose outcome would be unknown.
+            reinitialize_steps=0,
             max_connections=settings.redis_max_connections,  # per node
         )
     return Redis.from_url(
