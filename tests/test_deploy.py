@@ -697,3 +697,74 @@ def test_compose_runs_with_api_keys_and_prometheus_holds_a_read_key(tmp_path: Pa
 
 def settings_with_file(path: Path) -> tuple[ApiKey, ...]:
     return Settings(api_keys_file=path).api_keys  # type: ignore[call-arg]
+
+
+# --- the scale profile: replicas behind a load balancer ---------------------------------------
+
+
+def nginx_conf() -> str:
+    """deploy/nginx.conf without its comments."""
+    text = (ROOT / "deploy" / "nginx.conf").read_text()
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
+def test_scale_profile_runs_replicas_of_the_app_on_the_same_redis_with_the_same_keys() -> None:
+    app, replicas = service("app"), service("app-replicas")
+    assert replicas.get("profiles") == ["scale"]
+    assert replicas["image"] == app["image"]
+    assert replicas.get("build") == app.get("build")
+    assert replicas["deploy"]["replicas"] >= 2
+    assert not replicas.get("ports"), "replicas are reached through the load balancer only"
+    env, app_env = compose_env(replicas), compose_env(app)
+    assert env["REDIS_URL"] == app_env["REDIS_URL"]
+    assert env["EMA_API_KEYS_FILE"] == app_env["EMA_API_KEYS_FILE"]
+    assert replicas["secrets"] == app["secrets"]
+    assert replicas["depends_on"] == app["depends_on"]
+    assert compose_healthcheck(replicas) == compose_healthcheck(app)
+    assert replicas.get("restart") == app.get("restart")
+
+
+def test_replica_environment_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {**stage_env(dockerfile().final), **compose_env(service("app-replicas"))}
+    secret = Path(compose()["secrets"]["ema_api_keys"]["file"]).name
+    env["EMA_API_KEYS_FILE"] = str(compose_secrets() / secret)
+    settings = settings_from(env, monkeypatch)
+    assert settings.workers == 1
+    assert settings.api_keys
+
+
+def test_load_balancer_listens_where_compose_publishes_and_proxies_to_the_replicas(
+    container_settings: Settings,
+) -> None:
+    lb, conf = service("lb"), nginx_conf()
+    assert lb.get("profiles") == ["scale"]
+    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+(-alpine)?", lb["image"]), "pin the nginx version"
+    mounts = [interpolate(volume).split(":") for volume in lb["volumes"]]
+    assert ["./deploy/nginx.conf", "/etc/nginx/nginx.conf", "ro"] in mounts
+    listen = {int(port) for port in re.findall(r"^\s*listen\s+(\d+)\s*;", conf, re.MULTILINE)}
+    targets = {target for host, target in published_ports(lb) if host}
+    assert targets
+    assert targets <= listen
+    # proxy_pass names an upstream whose server is the replicas' service on the app's port.
+    upstream = re.search(r"proxy_pass\s+http://(\w+)\s*;", conf)
+    assert upstream
+    block = re.search(r"upstream\s+" + upstream[1] + r"\s*\{([^}]*)\}", conf)
+    assert block
+    servers = re.findall(r"server\s+([\w.-]+):(\d+)", block[1])
+    assert servers == [("app-replicas", str(container_settings.port))]
+    # Replicas come and go with --scale: the name is re-resolved with Docker's DNS.
+    assert "resolve" in block[1]
+    assert re.search(r"resolver\s+127\.0\.0\.11\b", conf)
+    assert lb["depends_on"]["app-replicas"]["condition"] == "service_healthy"
+
+
+def test_load_balancer_streams_events_and_never_resends_a_push() -> None:
+    conf = nginx_conf()
+    # Server-Sent Events pass unbuffered and outlive the heartbeat interval.
+    assert re.search(r"proxy_buffering\s+off\s*;", conf)
+    timeout = re.search(r"proxy_read_timeout\s+(\d+)([smh]?)\s*;", conf)
+    assert timeout
+    seconds = int(timeout[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[timeout[2]]
+    assert seconds > Settings.model_fields["sse_heartbeat"].default
+    # A failed POST is never passed to another replica: it may have been applied.
+    assert "non_idempotent" not in conf
