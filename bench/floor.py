@@ -24,6 +24,8 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from app.main import HiredisPackedConnection
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
@@ -97,8 +99,12 @@ class Floor:
                     self.per_value = json.loads(os.environ["BENCH_PER_VALUE"])
                     self.read = json.loads(os.environ["BENCH_READ"])
                     self.fields = self.read[2:]  # HMGET key field...
+                    # The service's own connection class: the floor packs commands as fast.
                     self.client = Redis.from_url(
-                        os.environ["REDIS_URL"], decode_responses=True, max_connections=512
+                        os.environ["REDIS_URL"],
+                        decode_responses=True,
+                        max_connections=512,
+                        connection_class=HiredisPackedConnection,
                     )
                     await self.client.ping()
                 except Exception as error:
