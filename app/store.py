@@ -136,12 +136,22 @@ class StreamStore:
             self._observer.redis_error(kind)
 
     async def ping(self) -> None:
-        """Redis answers; in a cluster, every primary does."""
+        """Redis answers; a cluster also says it can serve (its `cluster_state` is ok).
+
+        Not "every primary answers": with `cluster-require-full-coverage no` the other primaries
+        serve while one is down, and failing every replica's readiness would make that partial
+        outage a whole one."""
         async with self._errors():
-            if isinstance(self._client, RedisCluster):
-                await self._client.execute_command("PING", target_nodes=RedisCluster.PRIMARIES)
-            else:
+            if not isinstance(self._client, RedisCluster):
                 await self._client.ping()
+                return
+            info = await self._client.execute_command("CLUSTER INFO")
+        state = info.get("cluster_state") if isinstance(info, dict) else None
+        if state != "ok":
+            self._report_error("clusterdown")
+            raise StoreUnavailable(
+                f"Redis Cluster is down (cluster_state {state})", retry_after=self._retry_after
+            )
 
     async def configure(self, name: str, config: StreamConfig) -> tuple[StreamState, bool]:
         """Create or replace a stream: its configuration set, its state reset. True if created."""

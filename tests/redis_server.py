@@ -98,10 +98,16 @@ class RedisCluster:
     """
 
     def __init__(
-        self, directory: Path, primaries: int = 3, replicas: int = 0, node_timeout_ms: int = 1000
+        self,
+        directory: Path,
+        primaries: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 1000,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.directory = directory
         self.node_timeout_ms = node_timeout_ms
+        self.extra = extra
         self.replicas = replicas
         self.nodes = [
             RedisServer(directory / f"node-{i}", *self._node_options())
@@ -117,6 +123,7 @@ class RedisCluster:
             "--cluster-port", str(free_port()),
             # A replica may take over however long it was cut off from its primary.
             "--cluster-replica-validity-factor", "0",
+            *self.extra,
         ]  # fmt: skip
 
     @property

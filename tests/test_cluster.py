@@ -184,6 +184,38 @@ async def test_a_slot_migration_neither_loses_nor_repeats_a_push(cluster: RedisC
     cluster.wait_healthy()
 
 
+@pytest.fixture
+def partial(tmp_path: Path) -> Iterator[RedisCluster]:
+    """Three primaries that keep serving their slots while another is down."""
+    cluster = RedisCluster(tmp_path / "partial", extra=("--cluster-require-full-coverage", "no"))
+    yield cluster.start()
+    cluster.stop()
+
+
+async def test_a_dead_primary_fails_only_its_own_entries(partial: RedisCluster) -> None:
+    names = spread_names(partial, per_primary=3)
+    dead = partial.node_of(f"test:{{{names[0]}}}")
+    lost = {name for name in names if partial.node_of(f"test:{{{name}}}") is dead}
+    alive = sorted(set(names) - lost)
+    settings = make_settings(partial.url, redis_cluster=True, redis_timeout=0.5)
+    async with running(settings) as (_, http):
+        entries = [{"stream": name, "value": 1.0} for name in names]
+        assert (await http.post("/v1/values", json={"entries": entries})).json()["applied"] == 9
+        dead.kill()
+        for count in (2, 3):  # on the pooled connections, then with the topology read again
+            reply = (await http.post("/v1/values", json={"entries": entries})).json()
+            assert {r["stream"] for r in reply["results"] if r["status"] == 503} == lost
+            assert reply["applied"] == len(alive)
+            assert {r["state"]["count"] for r in reply["results"] if r["state"]} == {count}
+        # The cluster still serves the slots it can: the service stays ready.
+        deadline = time.monotonic() + 10
+        while (await http.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, "never ready again"
+            await asyncio.sleep(0.2)
+    with partial.client() as client:
+        assert [client.hget(f"test:{{{name}}}", "n") for name in alive] == ["3"] * len(alive)
+
+
 # --- failover ---------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from tests.reference import ReferenceEma
 from tests.service import ServiceProcess
 
 STREAMS = ["hot", "warm.a", "warm.b"]
-ROUNDS = 15
+ROUNDS = 8
 CLIENTS = 8  # per process
 
 
