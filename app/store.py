@@ -5,6 +5,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -12,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+import redis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
@@ -28,6 +30,15 @@ _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "
 # Keys examined per SCAN call, and SCAN calls per listing request: bounds one request's work.
 _SCAN_COUNT = 500
 _SCAN_CALLS = 64
+# What a call through redis-py may raise: its errors, and (see _raised_in_redis_client) the
+# AttributeError or TypeError of a connection closed under it.
+_CLIENT_ERRORS = (
+    redis_errors.RedisError,
+    redis_errors.RedisClusterException,
+    AttributeError,
+    TypeError,
+)
+_REDIS_PACKAGE = os.path.dirname(redis.__file__) + os.sep
 _HASH_SLOTS = 16384
 _VALID_NAME = re.compile(NAME_PATTERN)
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
@@ -93,10 +104,12 @@ class StreamStore:
     async def _errors(self) -> AsyncIterator[None]:
         try:
             yield
-        except (redis_errors.RedisError, redis_errors.RedisClusterException) as error:
+        except _CLIENT_ERRORS as error:
             unavailable = self._unavailable(error)
             if unavailable is not None:
                 raise unavailable from error
+            if not isinstance(error, _CLIENT_ERRORS[:2]):
+                raise  # a bug of ours, not the client's
             if not str(error).startswith("EMA_"):  # the push script's own refusals are not
                 self._report_error("error")
             raise
@@ -104,8 +117,13 @@ class StreamStore:
     def _unavailable(self, error: Exception) -> StoreUnavailable | None:
         """The 503 for an error that means "Redis cannot serve this right now" (reported to
         the observer), or None for any other error."""
-        if isinstance(error, redis_errors.ConnectionError | redis_errors.TimeoutError):
-            # Includes BusyLoadingError. A timed-out write may still have been applied.
+        if isinstance(error, redis_errors.ConnectionError | redis_errors.TimeoutError) or (
+            isinstance(error, AttributeError | TypeError) and _raised_in_redis_client(error)
+        ):
+            # Includes BusyLoadingError. A timed-out write may still have been applied. The
+            # cluster client can close a connection that another request is using (it does on
+            # CLUSTERDOWN, during a failover): that request then fails inside redis-py with an
+            # AttributeError, having sent its command or not.
             self._report_error(_error_kind(error))
             return StoreUnavailable(
                 f"Redis is unavailable ({type(error).__name__}); a write that timed out may "
@@ -304,7 +322,7 @@ class StreamStore:
                             "EVALSHA", self._scripts.push_sha, len(keys), *keys, *args
                         )
                     replies = await pipe.execute(raise_on_error=False)
-            except (redis_errors.RedisError, redis_errors.RedisClusterException) as error:
+            except _CLIENT_ERRORS as error:
                 failed = self._unavailable(error) or _unexpected(error)
                 for index in pending:
                     outcomes[index] = failed
@@ -488,6 +506,14 @@ def _queue_time(pipe: "Pipeline | ClusterPipeline", key: str) -> None:
 def _seconds(time_reply: Sequence[str | int]) -> float:
     seconds, micros = time_reply
     return int(seconds) + int(micros) / 1e6
+
+
+def _raised_in_redis_client(error: BaseException) -> bool:
+    """Was `error` raised by redis-py's own code (its innermost frame is in the package)?"""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE)
 
 
 def _error_kind(error: Exception) -> str:

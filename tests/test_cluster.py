@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio.connection
 from fastapi import FastAPI
 from redis.crc import key_slot
 
@@ -214,6 +215,36 @@ async def test_a_dead_primary_fails_only_its_own_entries(partial: RedisCluster) 
             await asyncio.sleep(0.2)
     with partial.client() as client:
         assert [client.hget(f"test:{{{name}}}", "n") for name in alive] == ["3"] * len(alive)
+
+
+async def test_a_connection_closed_under_a_request_is_a_503(
+    single_redis_server: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CLUSTERDOWN (during a failover) redis-py's cluster client closes every connection, also
+    those other requests are using: they fail inside redis-py with an AttributeError (seen in
+    the failover test). That is Redis being unavailable, a 503, never a 500."""
+    url = single_redis_server.url  # type: ignore[attr-defined]
+    async with running(make_settings(url)) as (_, http):
+        assert (await http.post("/v1/streams/s/values", json={"value": 1})).status_code == 200
+        # A failing send, as redis-py's own code (its file), like the race it stands for.
+        source = (
+            "async def send(self, command):\n    writer = None\n    writer.writelines(command)\n"
+        )
+        namespace: dict[str, object] = {}
+        exec(compile(source, redis.asyncio.connection.__file__, "exec"), namespace)
+        monkeypatch.setattr(
+            redis.asyncio.connection.AbstractConnection, "_send_packed_command", namespace["send"]
+        )
+        for response in (
+            await http.post("/v1/streams/s/values", json={"value": 1}),
+            await http.get("/v1/streams/s"),
+        ):
+            assert response.status_code == 503, response.text
+            assert "AttributeError" in response.json()["detail"]
+        bulk = await http.post("/v1/values", json={"entries": [{"stream": "s", "value": 1}]})
+        assert bulk.json()["results"][0]["status"] == 503
+        monkeypatch.undo()
+        assert (await http.get("/v1/streams/s")).status_code == 200
 
 
 # --- failover ---------------------------------------------------------------------------------
