@@ -53,7 +53,7 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def watch(port: int, action: Callable[[], None], timeout: float = 5.0) -> list[list[str]]:
+def watch(port: int, action: Callable[[], object], timeout: float = 5.0) -> list[list[str]]:
     """The commands clients sent to Redis (not those run by scripts) while `action` ran."""
     try:
         return _watch(port, action, timeout)
@@ -61,7 +61,7 @@ def watch(port: int, action: Callable[[], None], timeout: float = 5.0) -> list[l
         raise BenchError(f"capturing the service's Redis commands failed: {error}") from error
 
 
-def _watch(port: int, action: Callable[[], None], timeout: float) -> list[list[str]]:
+def _watch(port: int, action: Callable[[], object], timeout: float) -> list[list[str]]:
     with socket.create_connection((HOST, port), timeout=timeout) as sock:
         sock.sendall(b"MONITOR\r\n")
         reader = sock.makefile("rb")

@@ -1,14 +1,16 @@
 """The floor: the least a Python HTTP push can cost, to measure the service against.
 
 A bare ASGI app, no framework: read the body, `json.loads` it, run one EVALSHA of the service's
-own push.lua through redis.asyncio, and write the reply back as JSON. GET does one HMGET.
+own push.lua through redis.asyncio, and write the reply back as JSON. GET does the service's
+read (HGETALL, or HMGET in older versions).
 
 It makes exactly the Redis calls the service makes: bench/run.py watches the service with
 MONITOR and passes them here as templates (JSON argv lists, for the stream named BENCH_NAME):
   BENCH_PUSH       `EVALSHA sha numkeys KEYS... ARGV...` up to the first value
   BENCH_PER_VALUE  what follows each value that carries nothing else (e.g. [""], no
                    num_updates); the floor appends (value, *BENCH_PER_VALUE) per value
-  BENCH_READ       the read, e.g. `HMGET key field...`; the reply is keyed by those fields
+  BENCH_READ       the read: `HGETALL key` (the reply is the hash), or `HMGET key field...` (the
+                   reply is keyed by those fields)
 The bodies are {"value": x} or {"values": [x, ...]} of numbers; validation is only what building
 the arguments needs: the Lua script checks the numbers, as it does for the service.
 
@@ -76,10 +78,16 @@ class Floor:
             reply = await self._call(*command, *args)
         except ResponseError as error:
             return 422, {"detail": str(error)}
+        if not self.fields:  # push.lua's reply: the hash as field, value, ..., then a flag
+            return 200, {"name": name, **dict(zip(reply[:-1:2], reply[1:-1:2], strict=True))}
         return 200, {"name": name, **dict(zip(self.fields, reply, strict=False))}
 
     async def _get(self, name: str) -> tuple[int, dict[str, Any]]:
         reply = await self._call(*(part.replace(self.name, name) for part in self.read))
+        if isinstance(reply, dict):  # HGETALL, as redis-py returns it
+            if not reply:
+                return 404, {"detail": f"stream {name!r} does not exist"}
+            return 200, {"name": name, **reply}
         if reply[0] is None:
             return 404, {"detail": f"stream {name!r} does not exist"}
         return 200, {"name": name, **dict(zip(self.fields, reply, strict=True))}
@@ -98,7 +106,8 @@ class Floor:
                     self.push = json.loads(os.environ["BENCH_PUSH"])
                     self.per_value = json.loads(os.environ["BENCH_PER_VALUE"])
                     self.read = json.loads(os.environ["BENCH_READ"])
-                    self.fields = self.read[2:]  # HMGET key field...
+                    # HMGET key field...: the fields; HGETALL key: none.
+                    self.fields = self.read[2:]
                     # The service's own connection class: the floor packs commands as fast.
                     self.client = Redis.from_url(
                         os.environ["REDIS_URL"],

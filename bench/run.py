@@ -7,7 +7,9 @@ with its push fast path and without it, and the floor (bench/floor.py), each wit
 worker per core. Then, workload by workload, it measures the Redis ceiling (redis-benchmark
 replaying the service's own EVALSHA of app/lua/push.lua), the floor and the service in
 interleaved rounds, so that the ratios compare figures taken moments apart on a noisy machine,
-and prints one markdown table. See bench/README.md.
+and prints one markdown table. Then the same for streams of each kind (fixed decay, time-based,
+three windows, rate), as ratios to the fixed-decay stream, and pushes with open subscribers.
+See bench/README.md.
 """
 
 import argparse
@@ -24,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -56,10 +59,14 @@ def batch_values(size: int) -> list[float]:
 class Workload:
     label: str
     batch: int  # values per request; 0 for a read
+    timestamped: bool = False  # single values only: each carries the client's clock
 
     def body(self) -> dict[str, object]:
         if self.batch == 1:
-            return {"value": 1.5}
+            body: dict[str, object] = {"value": 1.5}
+            if self.timestamped:
+                body["timestamp"] = time.time()
+            return body
         return {"values": batch_values(self.batch)}
 
     def values(self) -> list[str]:
@@ -72,6 +79,38 @@ GET = Workload("GET", 0)
 BATCH_100 = Workload("push batch of 100", 100)
 BATCH_1000 = Workload("push batch of 1,000", 1000)
 WORKLOADS = (PUSH, GET, BATCH_100, BATCH_1000)
+PUSH_AT = Workload("push 1 value with timestamp", 1, timestamped=True)
+
+
+@dataclass(frozen=True, eq=False)
+class Kind:
+    """A stream configuration (the body of PUT /v1/streams/{name}) measured in the streams
+    scenario."""
+
+    label: str
+    config: Mapping[str, object]
+
+
+DECAY = Kind("fixed decay", {"decay": 0.99})
+HALFLIFE = Kind("time-based", {"halflife": 60})
+WINDOWS = Kind(
+    "three windows",
+    {
+        "halflife": 10,
+        "windows": [
+            {"name": "1m", "halflife": 60},
+            {"name": "5m", "halflife": 300},
+            {"name": "15m", "halflife": 900},
+        ],
+    },
+)
+RATE = Kind("rate", {"halflife": 60, "kind": "rate"})
+KINDS = (DECAY, HALFLIFE, WINDOWS, RATE)  # the first is the reference of the ratios
+# Measured together in interleaved rounds, so that each round's figures can be compared: the
+# first workload of a group is the reference (and the one redis-benchmark replays).
+STREAM_GROUPS = ((PUSH, PUSH_AT), (BATCH_100,))
+STREAM_WORKLOADS = tuple(workload for group in STREAM_GROUPS for workload in group)
+AIM = 0.8
 
 SERVICE = "service"
 NO_FAST_PATH = "service, EMA_FAST_PATH=false"
@@ -88,6 +127,7 @@ class Figure:
     workload: Workload
     label: str
     pipeline: int = 1
+    kind: Kind | None = None  # streams scenario: the streams' configuration; None: the default
     results: list[Result] = field(default_factory=list)
     app_cpu: float = 0.0  # seconds, all rounds: the HTTP server's processes, workers included
     redis_cpu: float = 0.0  # seconds, all rounds: redis-server
@@ -115,6 +155,10 @@ class Figure:
             return "values/s"
         return "calls/s" if self.target == CEILING else "req/s"
 
+    def describe(self) -> str:
+        kind = f"{self.kind.label} stream, " if self.kind else ""
+        return f"{self.target}: {kind}{self.label}"
+
 
 @dataclass
 class Job:
@@ -136,11 +180,18 @@ class Bench:
         self.workers = len(os.sched_getaffinity(0))
         self.wrk = WrkLoad(args.threads, args.connections)
         self.figures: list[Figure] = []
+        self.stream_figures: list[Figure] = []
+        self.kind_fields: dict[Kind, dict[str, str]] = {}
         self.warmed: set[str] = set()
         self.servers: dict[str, HttpServer] = {}
         # Callbacks run last first: the HTTP servers stop (together), then redis-server.
         self.version = app_version()
-        progress("starting redis-server and the service, with and without the fast path")
+        # The floor and the service without fast path are in the main table only.
+        main_table = not (args.subscribers_only or args.streams_only)
+        progress(
+            "starting redis-server and the service"
+            + (", with and without the fast path" if main_table else "")
+        )
         self.redis = RedisServer(workdir)
         stack.callback(self.redis.stop)
         stack.callback(lambda: stop_all(list(self.servers.values())))
@@ -148,13 +199,16 @@ class Bench:
         with self.redis.client() as client:
             self.sha = str(client.script_load(PUSH_LUA.read_text(encoding="utf-8")))
         self.ceiling = RedisBenchmark(self.redis.port, args.connections, STREAMS)
-        for target in (SERVICE, NO_FAST_PATH):
+        for target in (SERVICE, NO_FAST_PATH) if main_table else (SERVICE,):
             self._http_server(target)
         for server in self.servers.values():
             server.wait_ready()
         self.push_call, self.read_call = self._capture(self.servers[SERVICE])
-        progress("starting the floor")
-        self._http_server(FLOOR).wait_ready()
+        if main_table:
+            progress("starting the floor")
+            self._http_server(FLOOR).wait_ready()
+        if args.streams:
+            self._capture_kinds(self.servers[SERVICE])
         self.bodies = {}
         for index, workload in enumerate(WORKLOADS):
             self.bodies[workload] = path = workdir / f"body-{index}.json"
@@ -169,6 +223,23 @@ class Bench:
             raise BenchError(f"the service runs script {push.head.argv[1]}, not {PUSH_LUA}")
         read = read_template(watch(self.redis.port, lambda: http_json(service.url, name)), name)
         return push, read
+
+    def _capture_kinds(self, service: HttpServer) -> None:
+        """Each kind's stream as the service's PUT creates it (its hash before any value), for
+        reset() to recreate; then check that a push to such a stream replies with that
+        configuration."""
+        name = stream_name(0)
+        with self.redis.client() as client:
+            for kind in KINDS:
+                http_json(service.url, name, kind.config, method="PUT")
+                self.kind_fields[kind] = client.hgetall(self.stream_key(name))
+        for kind in KINDS:
+            self.reset(kind)
+            state = http_json(service.url, name, PUSH_AT.body())
+            if not matches(kind.config, state.get("config")) or state.get("count") != 1:
+                raise BenchError(
+                    f"a push to a stream created as {json.dumps(kind.config)} replied {state}"
+                )
 
     def _http_server(self, target: str) -> HttpServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMA_") and k != "REDIS_URL"}
@@ -199,14 +270,26 @@ class Bench:
 
     # --- state ----------------------------------------------------------------------------------
 
-    def reset(self) -> None:
-        """Empty Redis, then create the streams by pushing one value to each, as the service
-        would (so that GETs find them)."""
+    def stream_key(self, name: str) -> str:
+        """The stream's hash: KEYS[1] of the service's EVALSHA."""
+        return self.push_call.head.bind(name)[3]
+
+    def reset(self, kind: Kind | None = None) -> None:
+        """Empty Redis, then create the streams: by pushing one value to each, as the service
+        would (so that GETs find them); or, for a `kind`, as its PUT creates them.
+
+        In one transaction: a push still on its way from the last load must not land between
+        the flush and the creation, where it would create a stream with the defaults that the
+        kind's fields would then be merged into."""
         with self.redis.client() as client:
-            client.flushall()
-            pipe = client.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=True)
+            pipe.flushall()
             for index in range(STREAMS):
-                pipe.execute_command(*self.push_call.bind(stream_name(index), ["1.0"]))
+                name = stream_name(index)
+                if kind is None:
+                    pipe.execute_command(*self.push_call.bind(name, ["1.0"]))
+                else:
+                    pipe.hset(self.stream_key(name), mapping=self.kind_fields[kind])
             pipe.execute()
 
     def applied(self) -> int:
@@ -214,14 +297,16 @@ class Bench:
         with self.redis.client() as client:
             pipe = client.pipeline(transaction=False)
             for index in range(STREAMS):
-                pipe.hget(self.push_call.head.bind(stream_name(index))[3], "n")
+                pipe.hget(self.stream_key(stream_name(index)), "n")
             return sum(int(n or 0) for n in pipe.execute())
 
     # --- jobs -----------------------------------------------------------------------------------
 
-    def http_job(self, target: str, workload: Workload) -> Job:
+    def http_job(self, target: str, workload: Workload, kind: Kind | None = None) -> Job:
         server = self.servers[target]
-        if workload.batch:
+        if workload.timestamped:
+            script, args = "post_now.lua", [str(STREAMS), json.dumps(PUSH.body()["value"])]
+        elif workload.batch:
             script, args = "post.lua", [str(STREAMS), str(self.bodies[workload])]
         else:
             script, args = "get.lua", [str(STREAMS)]
@@ -240,9 +325,9 @@ class Bench:
                 raise BenchError(f"{target} died during the run:\n{server.log_tail()}")
             return result
 
-        return Job(Figure(target, workload, workload.label), warm, measure, server)
+        return Job(Figure(target, workload, workload.label, kind=kind), warm, measure, server)
 
-    def ceiling_job(self, workload: Workload, pipeline: int = 1) -> Job:
+    def ceiling_job(self, workload: Workload, pipeline: int = 1, kind: Kind | None = None) -> Job:
         if workload.batch:
             command = self.push_call.bind(RANDOM_NAME, workload.values())
             label = f"EVALSHA push.lua, {workload.batch:,} value" + "s" * (workload.batch > 1)
@@ -271,7 +356,8 @@ class Bench:
             missing = result.calls - (self.applied() - before) // workload.batch
             return dataclasses.replace(result, errors=max(0, missing))
 
-        return Job(Figure(CEILING, workload, label, pipeline), warm, measure, None, check)
+        figure = Figure(CEILING, workload, label, pipeline, kind)
+        return Job(figure, warm, measure, None, check)
 
     def jobs(self, workload: Workload) -> list[Job]:
         jobs = [self.ceiling_job(workload)]
@@ -283,18 +369,36 @@ class Bench:
         return jobs
 
     def run(self) -> None:
+        """The main table."""
         for workload in WORKLOADS:
             jobs = self.jobs(workload)
-            for job in jobs:
-                progress(f"warming up: {job.figure.target}: {job.figure.label}")
-                self.reset()
-                job.warm()
-            for round_ in range(1, self.args.rounds + 1):
-                progress(f"{workload.label}: round {round_} of {self.args.rounds}")
-                for job in jobs:
-                    self.reset()
-                    self._round(job)
+            self._interleave(workload.label, jobs)
             self.figures += [job.figure for job in jobs]
+
+    def run_streams(self) -> None:
+        """Streams of each kind: pushes through the service and the EVALSHA alone, group by
+        group of workloads, every kind of a group in the same rounds."""
+        for group in STREAM_GROUPS:
+            jobs = [self.ceiling_job(group[0], kind=kind) for kind in KINDS]
+            jobs += [self.http_job(SERVICE, w, kind) for kind in KINDS for w in group]
+            title = "streams of each kind: " + ", ".join(w.label for w in group)
+            self._interleave(title, jobs, alternate=True)
+            self.stream_figures += [job.figure for job in jobs]
+
+    def _interleave(self, title: str, jobs: Sequence[Job], alternate: bool = False) -> None:
+        """Warm up for every job, then take one round of each in turn, `rounds` times; with
+        `alternate`, every other round in reverse order, so that a drift of the machine's speed
+        during a round does not favour the jobs that come first."""
+        for job in jobs:
+            progress(f"warming up: {job.figure.describe()}")
+            self.reset(job.figure.kind)
+            job.warm()
+        for round_ in range(1, self.args.rounds + 1):
+            progress(f"{title}: round {round_} of {self.args.rounds}")
+            backwards = alternate and round_ % 2 == 0
+            for job in reversed(jobs) if backwards else jobs:
+                self.reset(job.figure.kind)
+                self._round(job)
 
     def _round(self, job: Job) -> None:
         """One round, charged the CPU used meanwhile by redis-server and by the job's app."""
@@ -326,24 +430,47 @@ def subscriber_figures(bench: Bench) -> SubscriberFigures:
     )
 
 
-def http_json(url: str, name: str, body: object = None) -> None:
-    """One request by hand (a push if `body`, else a GET): a target that does not work fails
-    loudly here, not as a rate of errors."""
+def http_json(url: str, name: str, body: object = None, method: str = "POST") -> dict[str, object]:
+    """One request by hand (a push if `body`, else a GET; with method PUT, a configuration), and
+    the stream's state it replies: a target that does not work fails loudly here, not as a rate
+    of errors."""
     if body is None:
         request = urllib.request.Request(f"{url}/v1/streams/{name}")
     else:
+        path = f"/v1/streams/{name}" + ("/values" if method == "POST" else "")
         request = urllib.request.Request(
-            f"{url}/v1/streams/{name}/values",
+            url + path,
             data=json.dumps(body).encode(),
             headers={"content-type": "application/json"},
+            method=method,
         )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             state = json.load(response)
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")[:500]
+        raise BenchError(f"{request.get_method()} {request.full_url}: {error}: {detail}") from error
     except OSError as error:
         raise BenchError(f"{request.get_method()} {request.full_url}: {error}") from error
     if not isinstance(state, dict) or state.get("name") != name:
         raise BenchError(f"{request.get_method()} {request.full_url}: unexpected reply {state}")
+    return state
+
+
+def matches(expected: object, actual: object) -> bool:
+    """Whether `actual` (a JSON reply) says what `expected` does: the same numbers and strings,
+    and at least the keys of every object."""
+    if isinstance(expected, Mapping):
+        return isinstance(actual, Mapping) and all(
+            key in actual and matches(value, actual[key]) for key, value in expected.items()
+        )
+    if isinstance(expected, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(expected)
+            and all(matches(e, a) for e, a in zip(expected, actual, strict=True))
+        )
+    return expected == actual
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -404,6 +531,131 @@ def table(figures: list[Figure]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# --- the streams of each kind ------------------------------------------------------------------
+
+STREAM_COLUMNS = (
+    "target",
+    "stream",
+    "workload",
+    "throughput (median)",
+    "±",
+    "p50 ms",
+    "p99 ms",
+    "÷ fixed decay",
+    "rounds' ratios",
+    "app CPU µs/req",
+    "Redis CPU µs/req",
+    "÷ fixed decay by CPU",
+    "errors",
+)
+
+
+def reference(figures: Sequence[Figure], figure: Figure) -> Figure | None:
+    """What `figure`'s ratios are to: the fixed-decay stream's figure on the first workload of
+    its group (pushes without timestamps), by the same target."""
+    group = next(group for group in STREAM_GROUPS if figure.workload in group)
+    same = (f for f in figures if f.target == figure.target and f.workload is group[0])
+    return next((f for f in same if f.kind is DECAY), None)
+
+
+def round_ratios(figure: Figure, other: Figure) -> list[float]:
+    """Round by round (the figures were taken in the same rounds), this throughput ÷ other's."""
+    return [a / b for a, b in zip(figure.rates(), other.rates(), strict=True)]
+
+
+def cost_us(figure: Figure) -> float:
+    """CPU per request of the processes serving it: the app's and Redis', or Redis' alone."""
+    return figure.per_call_us(figure.app_cpu + figure.redis_cpu)
+
+
+def streams_table(figures: Sequence[Figure]) -> str:
+    lines = [
+        "| " + " | ".join(STREAM_COLUMNS) + " |",
+        "|---|---|---|" + "---:|" * (len(STREAM_COLUMNS) - 3),
+    ]
+
+    def order(figure: Figure) -> tuple[int, int, int, int]:
+        group = next(i for i, group in enumerate(STREAM_GROUPS) if figure.workload in group)
+        assert figure.kind is not None
+        target = (SERVICE, CEILING).index(figure.target)
+        return group, target, STREAM_WORKLOADS.index(figure.workload), KINDS.index(figure.kind)
+
+    for figure in sorted(figures, key=order):
+        assert figure.kind is not None
+        base = reference(figures, figure)
+        ratio = spread = by_cpu = ""
+        if base is not None:
+            ratios = round_ratios(figure, base)
+            ratio = f"{statistics.median(ratios):.2f}"
+            if len(ratios) > 1:
+                spread = " … ".join(f"{r:.2f}" for r in (min(ratios), max(ratios)))
+            by_cpu = f"{cost_us(base) / max(cost_us(figure), 1e-9):.2f}"
+        if figure is base:
+            ratio, spread = f"**{ratio}**", ""
+        cells = [
+            figure.target,
+            figure.kind.label,
+            figure.label,
+            f"{figure.throughput:,.0f} {figure.unit}",
+            f"{figure.spread:.0%}" if len(figure.results) > 1 else "",
+            f"{statistics.median(r.p50_ms for r in figure.results):.2f}",
+            f"{statistics.median(r.p99_ms for r in figure.results):.2f}",
+            ratio,
+            spread,
+            "" if figure.target == CEILING else f"{figure.per_call_us(figure.app_cpu):,.0f}",
+            f"{figure.per_call_us(figure.redis_cpu):,.1f}",
+            by_cpu,
+            str(sum(r.errors for r in figure.results)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def streams_summary(figures: Sequence[Figure]) -> str:
+    """The service's ratios, one line per workload, against the aim: by throughput, and by CPU
+    (which noise affects less)."""
+    lines = []
+    for workload in STREAM_WORKLOADS:
+        row = [f for f in figures if f.target == SERVICE and f.workload is workload]
+        parts = []
+        base: Figure | None = None
+        for figure in row:
+            base = reference(figures, figure)
+            if base is None or figure is base or figure.kind is None:
+                continue
+            ratio = statistics.median(round_ratios(figure, base))
+            by_cpu = cost_us(base) / max(cost_us(figure), 1e-9)
+            parts.append(
+                f"{figure.kind.label} **{ratio:.2f}**{' (below)' * (ratio < AIM)}, "
+                f"by CPU {by_cpu:.2f}{' (below)' * (by_cpu < AIM)}"
+            )
+        if parts and base is not None:
+            lines.append(
+                f"- {workload.label}, ÷ fixed decay's {base.label} (aim: {AIM} or better): "
+                + "; ".join(parts)
+            )
+    return "\n".join(lines)
+
+
+def streams_report(bench: Bench) -> str:
+    args = bench.args
+    kinds = "\n".join(f"- {kind.label}: `{json.dumps(kind.config)}`" for kind in KINDS)
+    return "\n\n".join(
+        [
+            f"Streams of each kind, each round on {STREAMS} fresh streams created as "
+            f"`PUT /v1/streams/{{name}}` does with:\n\n{kinds}\n\n"
+            f"pushed through the service (wrk -c{args.connections}; the timestamps are the "
+            f"client's clock, bench/wrk/post_now.lua) and by redis-benchmark (the same EVALSHA "
+            f"alone, samples without timestamps), in {args.rounds} interleaved round(s) of "
+            f"{args.duration}s. Ratios are to the fixed-decay stream's figure in the same round "
+            f"(median over the rounds, and their range); by CPU, to its CPU per request (the "
+            f"service's and Redis', or Redis' alone for redis-benchmark):",
+            streams_table(bench.stream_figures),
+            streams_summary(bench.stream_figures),
+        ]
+    )
 
 
 def preamble(bench: Bench, started: float, load_before: str) -> str:
@@ -486,12 +738,20 @@ def parse_args() -> argparse.Namespace:
         default=100,
         help="event streams open for the pushes-with-subscribers figures (default 100; 0: skip)",
     )
-    parser.add_argument(
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument(
         "--subscribers-only",
         action="store_true",
         help="only the pushes-with-subscribers figures (bench/subscribers.py)",
     )
+    only.add_argument(
+        "--streams-only",
+        action="store_true",
+        help="only the streams of each kind (time-based, windows, rate ÷ fixed decay)",
+    )
+    only.add_argument("--no-streams", action="store_true", help="skip the streams of each kind")
     args = parser.parse_args()
+    args.streams = not (args.no_streams or args.subscribers_only)
     for name, default, quick in (("duration", 2, 2), ("rounds", 3, 1), ("warmup", 1, 0)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else default)
@@ -530,14 +790,21 @@ def main() -> int:
             contextlib.ExitStack() as stack,
         ):
             bench = Bench(args, Path(tmp), stack)
-            if not args.subscribers_only:
+            if not (args.subscribers_only or args.streams_only):
                 bench.run()
-            subscribed = subscriber_figures(bench) if args.subscribers > 0 else None
+            if args.streams:
+                bench.run_streams()
+            subscribed = None
+            if args.subscribers > 0 and not args.streams_only:
+                subscribed = subscriber_figures(bench)
             progress("done; stopping the servers")
         print(preamble(bench, started, load_before))
         if bench.figures:
             print()
             print(table(bench.figures))
+        if bench.stream_figures:
+            print()
+            print(streams_report(bench))
         if subscribed is not None:
             print()
             print(
