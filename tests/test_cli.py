@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ema_client import Client
 
-from app.client import Client
 from tests.redis_server import RedisServer, free_port
 from tests.test_client import FAST, Proxy, Service, needs_events
 

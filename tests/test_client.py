@@ -22,10 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from app import models
-from app.auth import ApiKey, hash_key
-from app.client import (
+from ema_client import (
     ApiError,
     AsyncClient,
     Client,
@@ -48,6 +45,9 @@ from app.client import (
     Update,
     error_for,
 )
+
+from app import models
+from app.auth import ApiKey, hash_key
 from app.main import create_app
 from app.settings import Settings
 from tests.redis_server import RedisServer, free_port

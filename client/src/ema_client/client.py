@@ -1,6 +1,6 @@
 """A typed Python client for the EMA service, on httpx: `Client` (sync) and `AsyncClient`.
 
-    from app.client import Client
+    from ema_client import Client
 
     with Client("http://127.0.0.1:8000") as ema:
         ema.create("train.loss", decay=0.99, initial=0)
@@ -63,7 +63,7 @@ import anyio
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from app import __version__
+from ema_client._version import __version__
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
 URL_VARIABLE: Final = "EMA_URL"
@@ -195,9 +195,9 @@ def _retry_after(response: httpx.Response) -> float | None:
 # --- results ----------------------------------------------------------------------------------
 
 
-# The replies' models mirror app.models (a test keeps them in step) rather than import it: a
-# program that only pushes metrics should not load the server's Redis driver, and a reply from a
-# newer service, with fields this client does not know, must still parse. They keep such fields.
+# The replies' models mirror the service's app.models (a test keeps them in step) rather than
+# import it: this package installs without the service, and a reply from a newer service, with
+# fields this client does not know, must still parse. They keep such fields.
 
 
 class _Reply(BaseModel):

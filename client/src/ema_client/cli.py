@@ -16,6 +16,7 @@ Errors print one line to stderr and exit 1 (2 for bad arguments, 130 on Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -29,8 +30,8 @@ from typing import Any, NoReturn, TextIO
 
 import anyio
 
-from app import __version__
-from app.client import (
+from ema_client._version import __version__
+from ema_client.client import (
     API_KEY_VARIABLE,
     DEFAULT_URL,
     URL_VARIABLE,
@@ -253,6 +254,12 @@ def _rm(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    # The service is another distribution (ema-service): this package installs without it.
+    if not _service_installed():
+        raise EmaError(
+            "ema serve runs the service, which is not installed here "
+            "(pip install . from the repository root, or use ./scripts/run)"
+        )
     env = dict(os.environ)
     for variable, value in (
         ("EMA_HOST", args.host),
@@ -264,6 +271,14 @@ def _serve(args: argparse.Namespace) -> None:
     sys.stdout.flush()
     # Replace this process: signals (Ctrl-C, SIGTERM) then reach the server directly.
     os.execve(sys.executable, [sys.executable, "-m", "app"], env)
+
+
+def _service_installed() -> bool:
+    try:
+        importlib.metadata.distribution("ema-service")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _watch(args: argparse.Namespace) -> None:
