@@ -85,242 +85,308 @@ local function encoded(list)
   return table.concat(parts, ';')
 end
 
-local key, history_key, idempotency_key = KEYS[1], KEYS[2], KEYS[3]
-local fingerprint = ARGV[3]
+local function invalid(why)
+  return redis.error_reply('EMA_INVALID ' .. why)
+end
 
-if idempotency_key then
+-- The stored reply of an earlier push with this idempotency key, an error if the key was used
+-- for a different push, or nil when there is none.
+local function replayed(idempotency_key, fingerprint)
   local record = redis.call('GET', idempotency_key)
-  if record then
-    local sep = string.find(record, '\n', 1, true)
-    if string.sub(record, 1, sep - 1) ~= fingerprint then
-      return redis.error_reply('EMA_IDEMPOTENCY_MISMATCH')
+  if not record then
+    return nil
+  end
+  local sep = string.find(record, '\n', 1, true)
+  if string.sub(record, 1, sep - 1) ~= fingerprint then
+    return redis.error_reply('EMA_IDEMPOTENCY_MISMATCH')
+  end
+  local reply = {}
+  for field, value in string.gmatch(string.sub(record, sep + 1), '([^=;]+)=([^;]*)') do
+    reply[#reply + 1] = field
+    reply[#reply + 1] = value
+  end
+  reply[#reply + 1] = '1'
+  return reply
+end
+
+-- The configuration, parsed once from the hash: the main value is window 1, named windows
+-- follow; each has a decay or a halflife and the names of its fields.
+local function read_config(s)
+  local decay = decimal(s.d)
+  local halflife = decimal(s.H)
+  if (decay == nil) == (halflife == nil) or (decay and (decay < 0 or decay > 1))
+      or (halflife and halflife <= 0) then
+    return nil, invalid('the stream needs a decay in [0, 1] or a halflife > 0')
+  end
+  local config = {
+    decay = decay,
+    halflife = halflife,
+    auto = s.a == '1',
+    history = tonumber(s.h) or 0,
+    reject_late = s.L == 'r',
+    rate = s.k == 'r',
+    ttl = tonumber(s.x),
+    windows = {{decay = decay, halflife = halflife, v = 'v', S = 'S', Z = 'Z'}},
+  }
+  if s.W and s.W ~= '' then
+    for name, kind, param in string.gmatch(s.W, '([^:,]+):([dh])([^,]+)') do
+      local window = {v = 'v:' .. name, S = 'S:' .. name, Z = 'Z:' .. name}
+      if kind == 'd' then window.decay = tonumber(param) else window.halflife = tonumber(param) end
+      config.windows[#config.windows + 1] = window
     end
-    local reply = {}
-    for field, value in string.gmatch(string.sub(record, sep + 1), '([^=;]+)=([^;]*)') do
-      reply[#reply + 1] = field
-      reply[#reply + 1] = value
+  end
+  return config
+end
+
+-- The numbers a push updates, read from the hash: per window its shadow, or its sums.
+local function read_state(s, config)
+  local state = {
+    count = tonumber(s.n),
+    epoch = s.E and tonumber(s.E),
+    biased = tonumber(s.b) or 0,
+    product = tonumber(s.p) or 1,
+    windows = {},
+  }
+  for i, w in ipairs(config.windows) do
+    if w.decay then
+      state.windows[i] = {shadow = s[w.v] and tonumber(s[w.v])}
+    else
+      state.windows[i] = {sum = tonumber(s[w.S]) or 0, weight = tonumber(s[w.Z]) or 0}
     end
-    reply[#reply + 1] = '1'
-    return reply
   end
+  return state
 end
 
-if #ARGV < FIRST_SAMPLE + 2 or (#ARGV - FIRST_SAMPLE + 1) % 3 ~= 0 then
-  return redis.error_reply('EMA_INVALID expected one or more (value, num_updates, timestamp)')
-end
-
-local stored = redis.call('HGETALL', key)
-local s = {}
-for i = 1, #stored, 2 do
-  s[stored[i]] = stored[i + 1]
-end
-local creating = s.n == nil
-if creating then
-  if ARGV[1] ~= '1' then
-    return redis.error_reply('EMA_NOT_FOUND')
-  end
-  -- A history left behind by a deleted hash would refuse the new stream's entry ids.
-  redis.call('DEL', history_key)
-  s = parse_fields(ARGV[2])
-end
-
-local decay = decimal(s.d)
-local halflife = decimal(s.H)
-if (decay == nil) == (halflife == nil) or (decay and (decay < 0 or decay > 1))
-    or (halflife and halflife <= 0) then
-  return redis.error_reply('EMA_INVALID the stream needs a decay in [0, 1] or a halflife > 0')
-end
-local auto = s.a == '1'
-local history = tonumber(s.h) or 0
-local reject_late = s.L == 'r'
-
--- Windows: the main value is window 1; named windows follow. Each has a decay or a halflife.
-local windows = {}
-windows[1] = {decay = decay, halflife = halflife, v = 'v', S = 'S', Z = 'Z'}
-if s.W and s.W ~= '' then
-  for name, kind, param in string.gmatch(s.W, '([^:,]+):([dh])([^,]+)') do
-    local window = {v = 'v:' .. name, S = 'S:' .. name, Z = 'Z:' .. name}
-    if kind == 'd' then window.decay = tonumber(param) else window.halflife = tonumber(param) end
-    windows[#windows + 1] = window
-  end
-end
-for _, w in ipairs(windows) do
+local function main_value(config, state)
+  local w, ws = config.windows[1], state.windows[1]
   if w.decay then
-    w.shadow = s[w.v] and tonumber(s[w.v])
-  else
-    w.sum = tonumber(s[w.S]) or 0
-    w.weight = tonumber(s[w.Z]) or 0
+    return ws.shadow
   end
+  if config.rate then
+    return ws.sum * math.log(2) / w.halflife
+  end
+  return ws.sum / ws.weight
 end
 
-local count = tonumber(s.n)
-local epoch = s.E and tonumber(s.E)
-local biased = tonumber(s.b) or 0
-local product = tonumber(s.p) or 1
-local last, used
-local entries = {}
-
-local time = redis.call('TIME')
-local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
-local latest_allowed = now + tonumber(ARGV[6])
-
-local function main_value()
-  local w = windows[1]
-  if w.decay then
-    return w.shadow
-  end
-  if s.k == 'r' then
-    return w.sum * math.log(2) / w.halflife
-  end
-  return w.sum / w.weight
-end
-
-for j = FIRST_SAMPLE, #ARGV, 3 do
-  local index = (j - FIRST_SAMPLE) / 3
-  local where = 'values[' .. index .. ']: '
+-- ARGV[j..j+2] as (value, num_updates or nil, time), or nil and the error.
+local function parse_sample(j, config, state, now, latest_allowed)
+  local where = 'values[' .. (j - FIRST_SAMPLE) / 3 .. ']: '
   local x = decimal(ARGV[j])
   if x == nil then
-    return redis.error_reply('EMA_INVALID ' .. where .. 'not a finite number')
+    return nil, invalid(where .. 'not a finite number')
   end
   local steps
   if ARGV[j + 1] ~= '' then
     steps = decimal(ARGV[j + 1])
     if steps == nil or steps < 0 or steps > MAX_NUM_UPDATES or steps ~= math.floor(steps) then
-      return redis.error_reply('EMA_INVALID ' .. where .. 'num_updates must be an integer in [0, 1e15]')
+      return nil, invalid(where .. 'num_updates must be an integer in [0, 1e15]')
     end
-  elseif auto then
-    steps = count
+  elseif config.auto then
+    steps = state.count
   end
   local at = now
   if ARGV[j + 2] ~= '' then
     at = decimal(ARGV[j + 2])
     if at == nil or at < 0 or at > latest_allowed then
-      return redis.error_reply('EMA_INVALID ' .. where .. 'timestamp must be in [0, ' ..
-        exact(latest_allowed) .. '] (Unix seconds; at most ' .. ARGV[6] ..
-        ' s past the server clock)')
+      return nil, invalid(where .. 'timestamp must be in [0, ' .. exact(latest_allowed) ..
+        '] (Unix seconds; at most ' .. ARGV[6] .. ' s past the server clock)')
     end
   end
-  if reject_late and epoch and at < epoch then
-    return redis.error_reply('EMA_LATE ' .. where .. 'timestamp ' .. exact(at) ..
-      ' is older than the newest sample, ' .. exact(epoch))
+  if config.reject_late and state.epoch and at < state.epoch then
+    return nil, redis.error_reply('EMA_LATE ' .. where .. 'timestamp ' .. exact(at) ..
+      ' is older than the newest sample, ' .. exact(state.epoch))
   end
+  return x, steps, at
+end
 
-  -- E is the newest sample's time. Halflife windows: a newer sample moves it forward and
-  -- rescales their sums; a late one leaves it, and the sums, as they are.
-  if windows[1].halflife then
-    used = 1
+-- E is the newest sample's time. Halflife windows: a newer sample moves it forward and
+-- rescales their sums; a late one leaves it, and the sums, as they are.
+local function move_epoch(config, state, at)
+  if config.halflife then
+    state.used = 1
   end
-  if epoch == nil then
-    epoch = at
-  elseif at > epoch then
-    for _, w in ipairs(windows) do
+  if state.epoch == nil then
+    state.epoch = at
+  elseif at > state.epoch then
+    for i, w in ipairs(config.windows) do
       if w.halflife then
-        local shrink = 2 ^ ((epoch - at) / w.halflife)
-        w.sum = w.sum * shrink
-        w.weight = w.weight * shrink
-        if w == windows[1] then
-          used = shrink
+        local ws = state.windows[i]
+        local shrink = 2 ^ ((state.epoch - at) / w.halflife)
+        ws.sum = ws.sum * shrink
+        ws.weight = ws.weight * shrink
+        if i == 1 then
+          state.used = shrink
         end
       end
     end
-    epoch = at
+    state.epoch = at
   end
+end
 
-  for _, w in ipairs(windows) do
-    if w.decay then
-      local d = w.decay
-      if steps then
-        d = math.min(d, (1 + steps) / (10 + steps))
-      end
-      if w.shadow then
-        w.shadow = w.shadow - (1 - d) * (w.shadow - x)
-      else
-        w.shadow = x
-      end
-      if not finite(w.shadow) then
-        return redis.error_reply('EMA_INVALID ' .. where .. 'the update overflows float64')
-      end
-      if w == windows[1] then
-        biased = biased - (1 - d) * (biased - x)
-        if not finite(biased) then
-          return redis.error_reply('EMA_INVALID ' .. where .. 'the update overflows float64')
-        end
-        product = product * d
-        used = d
-      end
+-- One sample into window i; an error if it overflows float64.
+local function apply_window(config, state, i, x, steps, at, where)
+  local w, ws = config.windows[i], state.windows[i]
+  if w.decay then
+    local d = w.decay
+    if steps then
+      d = math.min(d, (1 + steps) / (10 + steps))
+    end
+    if ws.shadow then
+      ws.shadow = ws.shadow - (1 - d) * (ws.shadow - x)
     else
-      local weight = 2 ^ ((at - epoch) / w.halflife)
-      w.sum = w.sum + x * weight
-      w.weight = w.weight + weight
-      if not finite(w.sum) then
-        return redis.error_reply('EMA_INVALID ' .. where .. 'the update overflows float64')
+      ws.shadow = x
+    end
+    if not finite(ws.shadow) then
+      return invalid(where .. 'the update overflows float64')
+    end
+    if i == 1 then
+      state.biased = state.biased - (1 - d) * (state.biased - x)
+      if not finite(state.biased) then
+        return invalid(where .. 'the update overflows float64')
       end
+      state.product = state.product * d
+      state.used = d
+    end
+  else
+    local weight = 2 ^ ((at - state.epoch) / w.halflife)
+    ws.sum = ws.sum + x * weight
+    ws.weight = ws.weight + weight
+    if not finite(ws.sum) then
+      return invalid(where .. 'the update overflows float64')
+    end
+  end
+end
+
+-- The state's fields as HSET arguments.
+local function state_fields(config, state, now)
+  local changes = {'n', string.format('%d', state.count), 'l', exact(state.last), 't', exact(now)}
+  local function add(field, x)
+    changes[#changes + 1] = field
+    changes[#changes + 1] = exact(x)
+  end
+  if state.used then
+    add('u', state.used)
+  end
+  if state.epoch then
+    add('E', state.epoch)
+  end
+  if config.decay then
+    add('b', state.biased)
+    add('p', state.product)
+  end
+  for i, w in ipairs(config.windows) do
+    local ws = state.windows[i]
+    if w.decay then
+      add(w.v, ws.shadow)
+    else
+      add(w.S, ws.sum)
+      add(w.Z, ws.weight)
+    end
+  end
+  return changes
+end
+
+local function write_history(history_key, history, entries)
+  -- Only the newest `history` entries can survive the cap: skip writing the others.
+  for k = math.max(1, #entries - history + 1), #entries do
+    local entry = entries[k]
+    redis.call('XADD', history_key, 'MAXLEN', history, string.format('%d-0', entry[1]),
+      't', exact(entry[2]), 'l', exact(entry[3]), 'v', exact(entry[4]))
+  end
+end
+
+-- The hash as field, value, ...; announced and recorded for idempotency as `f=v;f=v`.
+local function build_reply(key, idempotency_key, fingerprint)
+  local reply = redis.call('HGETALL', key)
+  if ARGV[5] ~= '' or idempotency_key then
+    local text = encoded(reply)
+    if ARGV[5] ~= '' then
+      redis.call('PUBLISH', ARGV[5], text)
+    end
+    if idempotency_key then
+      redis.call('SET', idempotency_key, fingerprint .. '\n' .. text, 'EX', ARGV[4])
+    end
+  end
+  reply[#reply + 1] = '0'
+  return reply
+end
+
+local function push(key, history_key, idempotency_key)
+  local fingerprint = ARGV[3]
+  if idempotency_key then
+    local reply = replayed(idempotency_key, fingerprint)
+    if reply then
+      return reply
     end
   end
 
-  count = count + 1
-  last = x
-  if history > 0 then
-    entries[#entries + 1] = {count, at, x, main_value()}
+  if #ARGV < FIRST_SAMPLE + 2 or (#ARGV - FIRST_SAMPLE + 1) % 3 ~= 0 then
+    return invalid('expected one or more (value, num_updates, timestamp)')
   end
+
+  local stored = redis.call('HGETALL', key)
+  local s = {}
+  for i = 1, #stored, 2 do
+    s[stored[i]] = stored[i + 1]
+  end
+  local creating = s.n == nil
+  if creating then
+    if ARGV[1] ~= '1' then
+      return redis.error_reply('EMA_NOT_FOUND')
+    end
+    -- A history left behind by a deleted hash would refuse the new stream's entry ids.
+    redis.call('DEL', history_key)
+    s = parse_fields(ARGV[2])
+  end
+
+  local config, refused = read_config(s)
+  if not config then
+    return refused
+  end
+  local state = read_state(s, config)
+  local entries = {}
+
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
+  local latest_allowed = now + tonumber(ARGV[6])
+
+  for j = FIRST_SAMPLE, #ARGV, 3 do
+    local x, steps, at = parse_sample(j, config, state, now, latest_allowed)
+    if x == nil then
+      return steps
+    end
+    move_epoch(config, state, at)
+    local where = 'values[' .. (j - FIRST_SAMPLE) / 3 .. ']: '
+    for i = 1, #config.windows do
+      local overflow = apply_window(config, state, i, x, steps, at, where)
+      if overflow then
+        return overflow
+      end
+    end
+    state.count = state.count + 1
+    state.last = x
+    if config.history > 0 then
+      entries[#entries + 1] = {state.count, at, x, main_value(config, state)}
+    end
+  end
+
+  if creating then
+    local fields = {}
+    for field, value in pairs(s) do
+      fields[#fields + 1] = field
+      fields[#fields + 1] = value
+    end
+    redis.call('HSET', key, unpack(fields))
+  end
+  redis.call('HSET', key, unpack(state_fields(config, state, now)))
+  write_history(history_key, config.history, entries)
+  if config.ttl then
+    redis.call('EXPIRE', key, config.ttl)
+    if config.history > 0 then
+      redis.call('EXPIRE', history_key, config.ttl)
+    end
+  end
+  return build_reply(key, idempotency_key, fingerprint)
 end
 
-local changes = {'n', string.format('%d', count), 'l', exact(last), 't', exact(now)}
-if used then
-  changes[#changes + 1] = 'u'
-  changes[#changes + 1] = exact(used)
-end
-if epoch then
-  changes[#changes + 1] = 'E'
-  changes[#changes + 1] = exact(epoch)
-end
-if decay then
-  for _, field in ipairs({{'b', biased}, {'p', product}}) do
-    changes[#changes + 1] = field[1]
-    changes[#changes + 1] = exact(field[2])
-  end
-end
-for _, w in ipairs(windows) do
-  local values = w.decay and {{w.v, w.shadow}} or {{w.S, w.sum}, {w.Z, w.weight}}
-  for _, field in ipairs(values) do
-    changes[#changes + 1] = field[1]
-    changes[#changes + 1] = exact(field[2])
-  end
-end
-if creating then
-  local fields = {}
-  for field, value in pairs(s) do
-    fields[#fields + 1] = field
-    fields[#fields + 1] = value
-  end
-  redis.call('HSET', key, unpack(fields))
-end
-redis.call('HSET', key, unpack(changes))
-
--- Only the newest `history` entries can survive the cap: skip writing the others.
-for k = math.max(1, #entries - history + 1), #entries do
-  local entry = entries[k]
-  redis.call('XADD', history_key, 'MAXLEN', history, string.format('%d-0', entry[1]),
-    't', exact(entry[2]), 'l', exact(entry[3]), 'v', exact(entry[4]))
-end
-
-local ttl = tonumber(s.x)
-if ttl then
-  redis.call('EXPIRE', key, ttl)
-  if history > 0 then
-    redis.call('EXPIRE', history_key, ttl)
-  end
-end
-
-local reply = redis.call('HGETALL', key)
-if ARGV[5] ~= '' or idempotency_key then
-  local text = encoded(reply)
-  if ARGV[5] ~= '' then
-    redis.call('PUBLISH', ARGV[5], text)
-  end
-  if idempotency_key then
-    redis.call('SET', idempotency_key, fingerprint .. '\n' .. text, 'EX', ARGV[4])
-  end
-end
-reply[#reply + 1] = '0'
-return reply
+return push(KEYS[1], KEYS[2], KEYS[3])
