@@ -119,8 +119,16 @@ async def _request_invalid(request: Request, error: Exception) -> Response:
     return service_problem(InvalidInput.from_validation(error.errors()), request.url.path)
 
 
+_TOO_DEEP = {"loc": ["body"], "msg": "JSON nested too deeply", "type": "json_invalid"}
+
+
 async def _http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
+    if isinstance(error.__cause__, RecursionError):
+        # FastAPI answers 400 to a body its JSON parser gave up on (thousands of nested `[`):
+        # it is malformed input like any other, a 422.
+        invalid = InvalidInput("body: JSON nested too deeply", errors=[_TOO_DEEP])
+        return service_problem(invalid, request.url.path)
     return problem(
         error.status_code, str(error.detail), instance=request.url.path, headers=error.headers
     )

@@ -9,9 +9,17 @@ contain braces.
 import re
 from typing import Final
 
-NAME_PATTERN: Final = r"^[A-Za-z0-9_.:\-]{1,200}$"
+# `.` and `..` are left out: HTTP clients resolve them as dot segments of the URL, so such a
+# stream could be created by one client and never reached by another. Spelled without a
+# lookahead, which the JSON Schema pattern (and pydantic's Rust regex engine) cannot have: a name
+# starts with a non-dot, or with one dot and a non-dot, or with two dots and anything.
+NAME_PATTERN: Final = (
+    r"^(?:[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]{0,199}"
+    r"|\.[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]{0,198}"
+    r"|\.\.[A-Za-z0-9_.:\-]{1,198})$"
+)
 NAME_MAX_LENGTH: Final = 200
-NAME_RULE: Final = "1 to 200 characters from A-Z a-z 0-9 _ . : -"
+NAME_RULE: Final = "1 to 200 characters from A-Z a-z 0-9 _ . : -, but not `.` or `..`"
 
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\^])")
 

@@ -181,7 +181,7 @@ class Metrics:
                 cursor = None
                 while not truncated:
                     room = self.max_streams + 1 - len(names)  # one more tells it was cut
-                    page = await store.list(prefix, cursor, min(room, _PAGE))
+                    page = await store.list_names(prefix, cursor, min(room, _PAGE))
                     names.update(dict.fromkeys(page.streams))
                     truncated = len(names) > self.max_streams
                     cursor = page.next_cursor

@@ -417,7 +417,7 @@ class StreamStore:
         more = len(page) == limit
         return HistoryPage(entries=page, next_since=page[-1].id if more else None)
 
-    async def list(self, prefix: str, cursor: str | None, limit: int) -> StreamPage:
+    async def list_names(self, prefix: str, cursor: str | None, limit: int) -> StreamPage:
         """Up to `limit` names starting with `prefix`, in no particular order, by SCAN.
 
         The cursor is (SCAN position, last name returned from that SCAN batch): a page may stop

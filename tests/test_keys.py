@@ -33,3 +33,11 @@ def test_scan_pattern_matches_streams_only_and_escapes_the_prefix(
         redis_client.set(key, "1")
     matched = set(redis_client.scan_iter(match=layout.scan_pattern("cp"), count=1000))
     assert matched == {"m*[x]:{cpu}", "m*[x]:{cpu.1}"}
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_dot_segments_are_not_names(name: str) -> None:
+    # An HTTP client resolves them away: such a stream could never be reached by URL.
+    assert not re.match(NAME_PATTERN, name)
+    assert re.match(NAME_PATTERN, name + "x")
+    assert re.match(NAME_PATTERN, "...")

@@ -120,3 +120,18 @@ def test_missing_redis_server_is_explained(tmp_path: Path) -> None:
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_help_prints_usage_and_starts_nothing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "--help"],
+        env=service_env(tmp_path, free_port()),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m app")
+    assert "REDIS_URL" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # no data folder, no redis-server

@@ -126,7 +126,11 @@ async def test_bad_config_is_422_and_changes_nothing(
     assert snapshot(redis_client) == before
 
 
-BAD_NAMES = ["a{b", "a}b", "{cpu}", "a b", "a*", "ä", "a/b", "x" * 201, "a%00b", "a%7Bb"]
+# %2E is `.`, sent encoded: an HTTP client would resolve a bare `.` or `..` segment itself.
+BAD_NAMES = [
+    *("a{b", "a}b", "{cpu}", "a b", "a*", "ä", "a/b", "x" * 201, "a%00b", "a%7Bb"),
+    *("%2E", "%2E%2E", "%2e%2E"),
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -177,3 +181,41 @@ async def test_streamed_oversized_body_is_413(
     response = await client.post("/v1/streams/cpu/values", content=chunks())
     assert response.status_code == 413
     assert snapshot(redis_client) == before
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+async def test_dot_names_are_refused(
+    client: httpx.AsyncClient, redis_client: "redis.Redis", name: str
+) -> None:
+    # Reachable by no ordinary HTTP client (they remove dot segments), so never created.
+    before = snapshot(redis_client)
+    encoded = name.replace(".", "%2E")
+    for method, path, body in (
+        ("PUT", f"/v1/streams/{encoded}", {"decay": 0.5}),
+        ("POST", f"/v1/streams/{encoded}/values", {"value": 1}),
+    ):
+        response = await client.request(method, path, json=body)
+        assert response.status_code == 422, (method, response.text)
+    bulk = await client.post("/v1/values", json={"entries": [{"stream": name, "value": 1}]})
+    assert bulk.json()["results"][0]["status"] == 422
+    assert snapshot(redis_client) == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("PUT", "/v1/streams/deep"), ("POST", "/v1/streams/deep/values"), ("POST", "/v1/values")],
+)
+async def test_deeply_nested_json_is_422(
+    redis_server: RedisServer,
+    redis_client: "redis.Redis",
+    settings: Settings,
+    method: str,
+    path: str,
+) -> None:
+    # Beyond the JSON parsers' nesting limits: malformed input like any other, as the README says.
+    async for http in serve(make_settings(redis_server.url, fast_path=settings.fast_path)):
+        response = await http.request(method, path, content=b"[" * 100_000)
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["status"] == 422
+    assert snapshot(redis_client) == {}

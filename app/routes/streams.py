@@ -101,4 +101,4 @@ async def list_streams(
 ) -> StreamPage:
     """List stream names page by page (Redis SCAN, never KEYS): a page may hold fewer than
     `limit` names even when more follow; the listing ends when next_cursor is null."""
-    return await store.list(prefix, cursor, limit)
+    return await store.list_names(prefix, cursor, limit)
