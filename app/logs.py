@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line, and one line per request with its request id.
+"""Structured logs: one JSON object per line (or a readable line on a terminal), and one line
+per request with its request id.
 
 The request id is the client's `X-Request-ID` when it sends a sane one, else a new one; it is
 echoed in the response. Request lines carry the path without its query string (which may hold
@@ -9,6 +10,7 @@ import json
 import logging
 import logging.config
 import re
+import sys
 import time
 import uuid
 from typing import Any, Final
@@ -41,10 +43,33 @@ class JsonFormatter(logging.Formatter):
 JsonFormatter.converter = time.gmtime
 
 
+class TextFormatter(logging.Formatter):
+    """Formats a record as one line for people: local time, level, logger, message, then any
+    `extra` fields as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = self.formatTime(record, "%H:%M:%S") + f".{int(record.msecs):03d}"
+        line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        extra = [f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD]
+        if extra:
+            line += "  " + " ".join(extra)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def resolve_format(fmt: str) -> str:
+    """`auto`: readable lines when stderr is a terminal (someone is reading), JSON otherwise
+    (a file, a pipe, a log collector)."""
+    if fmt != "auto":
+        return fmt
+    return "text" if sys.stderr.isatty() else "json"
+
+
 def logging_config(level: str, fmt: str) -> dict[str, Any]:
     """A dictConfig for the service and uvicorn alike."""
-    text = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-    formatter = {"()": JsonFormatter} if fmt == "json" else text
+    kind = JsonFormatter if resolve_format(fmt) == "json" else TextFormatter
+    formatter = {"()": kind}
     return {
         "version": 1,
         "disable_existing_loggers": False,

@@ -70,8 +70,10 @@ class Settings(BaseSettings):
         description="Serve pushes by a lean ASGI path in front of the framework (same validation).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = Field(
-        default="json", description="json: one JSON object per line; text: for humans."
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="json: one JSON object per line; text: a line for people; auto: text on a "
+        "terminal, else json.",
     )
     access_log: bool = Field(default=True, description="Log one line per request.")
     metrics_stream_prefixes: str = Field(

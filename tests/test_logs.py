@@ -2,16 +2,21 @@
 
 import json
 import logging
+import os
+import pty
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.auth import ApiKey, hash_key
-from app.logs import JsonFormatter
+from app.logs import JsonFormatter, TextFormatter
 from tests.conftest import make_settings, serve
-from tests.redis_server import RedisServer
-from tests.service import ServiceProcess
+from tests.redis_server import RedisServer, free_port
+from tests.service import ServiceProcess, service_env, wait_ready
 
 
 @pytest.mark.anyio
@@ -72,3 +77,71 @@ def test_service_logs_json_lines_without_keys(
     assert [(line["status"], line["api_key"]) for line in pushes] == [(200, "ops")]
     statuses = [line["status"] for line in requests if line["path"] == "/v1/streams/s"]
     assert statuses == [200, 401]
+
+
+def run_on_a_terminal(tmp_path: Path, redis_url: str, **env: str) -> list[str]:
+    """`python -m app` with stderr on a pseudo-terminal: the lines it logs while serving one
+    request and stopping."""
+    port = free_port()
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app"],
+        env=service_env(tmp_path, port, REDIS_URL=redis_url, EMA_WORKERS="1", **env),
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    output = bytearray()
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process)
+        httpx.get(f"http://127.0.0.1:{port}/v1/streams/nothing-here")
+        process.terminate()
+        process.wait(10)
+        while True:  # the terminal's buffer, until the last writer is gone
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(controller)
+    return output.decode().splitlines()
+
+
+def test_a_terminal_gets_readable_lines(tmp_path: Path, redis_server: RedisServer) -> None:
+    lines = run_on_a_terminal(tmp_path, redis_server.url)
+    assert lines
+    for line in lines:
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(line)
+    [access] = [line for line in lines if " app.access: GET /v1/streams/" in line]
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d\.\d{3} INFO    app\.access: GET /v1/streams/nothing-here 404 "
+        r" request_id=[0-9a-f]{32} method=GET .*status=404 duration_ms=[0-9.]+ .*",
+        access.rstrip("\r"),
+    ), access
+
+
+def test_the_setting_overrides_the_terminal(tmp_path: Path, redis_server: RedisServer) -> None:
+    lines = run_on_a_terminal(tmp_path, redis_server.url, EMA_LOG_FORMAT="json")
+    entries = [json.loads(line) for line in lines]
+    assert [e["status"] for e in entries if e.get("path") == "/v1/streams/nothing-here"] == [404]
+
+
+def test_text_lines_carry_the_extra_fields_and_the_traceback() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.getLogger("t").makeRecord(
+            "t", logging.ERROR, __file__, 1, "failed %s", ("x",), sys.exc_info(), extra={"n": 3}
+        )
+    first, *rest = TextFormatter().format(record).splitlines()
+    assert first.endswith(" ERROR   t: failed x  n=3")
+    assert rest[0] == "Traceback (most recent call last):"
+    assert rest[-1] == "ValueError: boom"
