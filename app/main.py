@@ -196,6 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stream_prefixes=settings.metrics_prefixes, max_streams=settings.metrics_max_streams
     )
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    app.state.metrics.precreate_routes(app.routes)
     return app
 
 

@@ -11,6 +11,7 @@ worker answers it, adds up every worker's.
 """
 
 import os
+import platform
 import re
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import __version__
 from app.errors import StoreUnavailable
 from app.models import StreamState
 from app.store import StreamStore
@@ -40,6 +42,21 @@ _SCRIPT_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0
 _SCRIPT_BUCKETS_SLOW: Final = (0.25, 0.5, 1, 2.5, 5)
 _DIR_PREFIX: Final = "ema-metrics-"
 _PAGE: Final = 1000  # names per listing page and states per pipelined read, at scrape time
+# Every `kind` of ema_redis_errors_total (app.store reports these): pre-created at zero, so that
+# the first errors after a start are an increase, not a series appearing at 3.
+REDIS_ERROR_KINDS: Final = (
+    "connection",
+    "timeout",
+    "loading",
+    "busy",
+    "readonly",
+    "masterdown",
+    "tryagain",
+    "clusterdown",
+    "error",
+)
+# Statuses pre-created for every route and method: those the error-ratio alert counts.
+_PRECREATED_STATUSES: Final = ("500", "503")
 
 
 def multiprocess_directory(workers: int) -> str | None:
@@ -127,6 +144,16 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        build = Gauge(
+            "ema_build_info",
+            "Always 1: the service's version and the Python it runs on, as labels.",
+            ["version", "python"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        build.labels(__version__, platform.python_version()).set(1)
+        for kind in REDIS_ERROR_KINDS:
+            self.redis_errors.labels(kind)
         # Labelled children, looked up once per label set: the push path is benchmarked.
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -141,6 +168,18 @@ class Metrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def precreate_routes(self, routes: Sequence[BaseRoute]) -> None:
+        """Every route's 5xx request counters, at zero from the start: a rate or increase over
+        them then sees the first failures (a series born at 3 reads as no increase)."""
+        for route in _flat_routes(routes):
+            template = getattr(route, "path_format", None)
+            methods = getattr(route, "methods", None) or ()
+            if not isinstance(template, str) or not template.startswith("/v1/"):
+                continue
+            for method in sorted(set(methods) & _METHODS - {"HEAD"}):
+                for status in _PRECREATED_STATUSES:
+                    self.requests.labels(template, method, status)
 
     def script_ran(self, seconds: float) -> None:
         self.script_duration.observe(seconds)
@@ -216,30 +255,74 @@ class StreamGauges(Collector):
 
     def collect(self) -> Iterable[Metric]:
         yield from self._base.collect()
+        # `kind` says what a value is (mean: the values' unit; rate: events per second), so one
+        # query graphs any stream's value and windows whatever its kind.
         value = GaugeMetricFamily(
-            "ema_stream_value", "The stream's smoothed value (its shadow).", labels=["stream"]
+            "ema_stream_value",
+            "The stream's main average: its shadow (decay), its time-weighted mean (halflife), "
+            "or for kind=rate its events per second as of the scrape.",
+            labels=["stream", "kind"],
+        )
+        window = GaugeMetricFamily(
+            "ema_stream_window",
+            "Each named window's average, in the same unit as ema_stream_value.",
+            labels=["stream", "window", "kind"],
         )
         debiased = GaugeMetricFamily(
             "ema_stream_debiased", "The stream's bias-corrected average.", labels=["stream"]
         )
         last = GaugeMetricFamily(
-            "ema_stream_last", "The last raw value pushed to the stream.", labels=["stream"]
+            "ema_stream_last",
+            "The last raw value pushed to the stream (for kind=rate: an event count).",
+            labels=["stream", "kind"],
+        )
+        updated = GaugeMetricFamily(
+            "ema_stream_updated_timestamp_seconds",
+            "Redis server time of the stream's last update, Unix seconds.",
+            labels=["stream"],
         )
         updates = CounterMetricFamily(
             "ema_stream_updates",
             "Updates applied to the stream (its count; starts over when it is reconfigured).",
             labels=["stream"],
         )
+        info = GaugeMetricFamily(
+            "ema_stream_info",
+            "Always 1: the stream's configuration as labels (decay or halflife in seconds, the "
+            "other empty; windows as name=decay or name=halflife s).",
+            labels=["stream", "kind", "decay", "halflife", "windows"],
+        )
         for state in self._states:
-            for family, number in (
-                (value, state.value),
-                (debiased, state.debiased),
-                (last, state.last),
-            ):
-                if number is not None:
-                    family.add_metric([state.name], number)
-            updates.add_metric([state.name], state.count)
-        yield from (value, debiased, last, updates)
+            name, config = state.name, state.config
+            kind = config.kind
+            if state.value is not None:
+                value.add_metric([name, kind], state.value)
+            if state.debiased is not None:
+                debiased.add_metric([name], state.debiased)
+            if state.last is not None:
+                last.add_metric([name, kind], state.last)
+            if state.updated_at is not None:
+                updated.add_metric([name], state.updated_at)
+            for window_name, averaged in (state.windows or {}).items():
+                if averaged.value is not None:
+                    window.add_metric([name, window_name, kind], averaged.value)
+            updates.add_metric([name], state.count)
+            info.add_metric(
+                [
+                    name,
+                    kind,
+                    _label(config.decay),
+                    _label(config.halflife),
+                    ",".join(
+                        f"{w.name}=decay {w.decay}"
+                        if w.decay is not None
+                        else f"{w.name}=halflife {w.halflife}s"
+                        for w in config.windows or ()
+                    ),
+                ],
+                1,
+            )
+        yield from (value, window, debiased, last, updated, updates, info)
         yield GaugeMetricFamily(
             "ema_metrics_streams",
             "Streams exported as ema_stream_* series by this scrape (EMA_METRICS_STREAM_PREFIXES).",
@@ -251,6 +334,10 @@ class StreamGauges(Collector):
             "exported; 0 otherwise.",
             value=int(self._truncated),
         )
+
+
+def _label(number: float | None) -> str:
+    return "" if number is None else repr(number)
 
 
 class RouteMatcher:

@@ -19,9 +19,11 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+from app import __version__
 from app.main import create_app
 from app.metrics import (
     MULTIPROC_DIR,
+    REDIS_ERROR_KINDS,
     UNMATCHED,
     RouteMatcher,
     multiprocess_directory,
@@ -46,6 +48,10 @@ DOCUMENTED = {
     "ema_stream_debiased": "gauge",
     "ema_stream_last": "gauge",
     "ema_stream_updates": "counter",
+    "ema_stream_window": "gauge",
+    "ema_stream_updated_timestamp_seconds": "gauge",
+    "ema_stream_info": "gauge",
+    "ema_build_info": "gauge",
     "ema_metrics_streams": "gauge",
     "ema_metrics_streams_truncated": "gauge",
 }
@@ -112,10 +118,19 @@ async def test_requests_are_counted_by_route_template_method_and_status(
         (UNMATCHED, "GET", "404"): 2.0,
     }
     found = {
-        (dict(k)["route"], dict(k)["method"], dict(k)["status"]): v for k, v in requests.items()
+        (dict(k)["route"], dict(k)["method"], dict(k)["status"]): v
+        for k, v in requests.items()
+        if v
     }
     # The scrape itself is counted once its response starts, so it is not in its own body.
     assert found == expected
+    # Every API route's 5xx counters exist from the start, at zero.
+    zeros = {(dict(k)["route"], dict(k)["method"], dict(k)["status"]) for k, v in requests.items()}
+    for status in ("500", "503"):
+        assert (PUSH_ROUTE, "POST", status) in zeros
+        assert ("/v1/values", "POST", status) in zeros
+        assert ("/v1/streams/{name}", "PUT", status) in zeros
+    assert not any(route.startswith("/static") for route, _, _ in zeros)
     # The latency histogram has one observation per request, under the same labels.
     for (route, method, status), count in expected.items():
         labels = {"route": route, "method": method, "status": status}
@@ -142,7 +157,10 @@ async def test_pushes_values_and_script_calls_are_counted(client: httpx.AsyncCli
     assert metrics.value("ema_values_applied_total") == 1 + 4 + 1
     # Every call, the replay and the refused overflow included.
     assert metrics.value("ema_script_duration_seconds_count") == 5
-    assert metrics.labelled("ema_redis_errors_total") == {}
+    # Every kind of Redis error is there from the start, at zero.
+    errors = {dict(k)["kind"]: v for k, v in metrics.labelled("ema_redis_errors_total").items()}
+    assert errors == dict.fromkeys(REDIS_ERROR_KINDS, 0.0)
+    assert len(REDIS_ERROR_KINDS) == 9
 
 
 @pytest.mark.anyio
@@ -180,6 +198,74 @@ async def test_stream_values_for_the_chosen_prefixes(
     assert updates == {**{name: references[name].count for name in exported}, "cpu.fresh": 0}
     assert metrics.value("ema_metrics_streams") == 5
     assert metrics.value("ema_metrics_streams_truncated") == 0
+
+
+@pytest.mark.anyio
+async def test_every_kind_and_window_is_exported_with_what_it_is(
+    redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    settings = make_settings(redis_server.url, metrics_stream_prefixes="*")
+    async for client in serve(settings):
+        windows = [{"name": "1m", "halflife": 60}, {"name": "5m", "halflife": 300}]
+        await client.put("/v1/streams/lat", json={"halflife": 10, "windows": windows})
+        await client.put(
+            "/v1/streams/req", json={"halflife": 60, "kind": "rate", "windows": windows}
+        )
+        await client.put(
+            "/v1/streams/loss", json={"decay": 0.9, "windows": [{"name": "fast", "decay": 0.5}]}
+        )
+        for name, values in {"lat": [4.0, 8.0], "req": [3.0, 5.0], "loss": [1.0, 3.0]}.items():
+            for x in values:
+                assert (
+                    await client.post(f"/v1/streams/{name}/values", json={"value": x})
+                ).is_success
+        states = {
+            name: (await client.get(f"/v1/streams/{name}")).json()
+            for name in ("lat", "req", "loss")
+        }
+        metrics = await scrape(client)
+
+    def by_stream(family: str) -> dict[str, dict[str, str]]:
+        return {dict(k)["stream"]: dict(k) for k in metrics.labelled(family)}
+
+    kinds = {name: labels["kind"] for name, labels in by_stream("ema_stream_value").items()}
+    assert kinds == {"lat": "mean", "req": "rate", "loss": "mean"}
+    found = {
+        (dict(k)["stream"], dict(k)["window"], dict(k)["kind"]): v
+        for k, v in metrics.labelled("ema_stream_window").items()
+    }
+    assert set(found) == {
+        ("lat", "1m", "mean"),
+        ("lat", "5m", "mean"),
+        ("req", "1m", "rate"),
+        ("req", "5m", "rate"),
+        ("loss", "fast", "mean"),
+    }
+    # Means are exact; a rate decays between the GET and the scrape, never up.
+    assert found["lat", "1m", "mean"] == states["lat"]["windows"]["1m"]["value"]
+    assert found["loss", "fast", "mean"] == states["loss"]["windows"]["fast"]["value"] == 2.0
+    for window in ("1m", "5m"):
+        assert 0 < found["req", window, "rate"] <= states["req"]["windows"][window]["value"]
+    assert metrics.value("ema_stream_value", stream="loss", kind="mean") == states["loss"]["value"]
+    rate = metrics.value("ema_stream_value", stream="req", kind="rate")
+    assert rate is not None
+    assert 0 < rate <= states["req"]["value"]
+    assert metrics.value("ema_stream_last", stream="req", kind="rate") == 5.0
+    for name, state in states.items():
+        updated = metrics.value("ema_stream_updated_timestamp_seconds", stream=name)
+        assert updated == state["updated_at"]
+    info = by_stream("ema_stream_info")
+    assert info["req"] == {
+        "stream": "req",
+        "kind": "rate",
+        "decay": "",
+        "halflife": "60.0",
+        "windows": "1m=halflife 60.0s,5m=halflife 300.0s",
+    }
+    assert info["loss"]["decay"] == "0.9"
+    assert info["loss"]["windows"] == "fast=decay 0.5"
+    build = metrics.labelled("ema_build_info")
+    assert [dict(k)["version"] for k, v in build.items() if v == 1] == [__version__]
 
 
 @pytest.mark.anyio
@@ -231,7 +317,8 @@ async def test_scrape_answers_and_counts_errors_while_redis_is_down() -> None:
     assert metrics.value("ema_pushes_total") == 0
     assert metrics.value("ema_metrics_streams") == 0
     key = frozenset({"route": PUSH_ROUTE, "method": "POST", "status": "503"}.items())
-    assert metrics.labelled("ema_http_requests_total") == {key: 1.0}
+    counted = metrics.labelled("ema_http_requests_total")
+    assert {k: v for k, v in counted.items() if v} == {key: 1.0}
 
 
 @pytest.fixture

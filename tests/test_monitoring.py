@@ -195,21 +195,48 @@ async def test_prometheus_scrapes_the_app_where_it_serves_metrics(
     assert response.headers["content-type"].startswith("text/plain")
 
 
-def rule_expressions() -> Iterator[tuple[str, str]]:
+def rules() -> Iterator[dict[str, Any]]:
     for rule_file in prometheus_config().get("rule_files", []):
-        rules = yaml.safe_load(container_file("prometheus", rule_file).read_text())
-        for group in rules["groups"]:
-            for rule in group["rules"]:
-                yield rule.get("alert") or rule["record"], rule["expr"]
+        document = yaml.safe_load(container_file("prometheus", rule_file).read_text())
+        for group in document["groups"]:
+            yield from group["rules"]
+
+
+def rule_expressions() -> Iterator[tuple[str, str]]:
+    for rule in rules():
+        yield rule.get("alert") or rule["record"], rule["expr"]
+
+
+def known_series(exposed: dict[str, str]) -> set[str]:
+    """What the service exposes, what Prometheus makes itself (`up` for every target, `ALERTS`)
+    and what the rule files record."""
+    return exposed.keys() | {"up", "ALERTS"} | {r["record"] for r in rules() if "record" in r}
 
 
 def test_prometheus_rules_use_only_metrics_the_service_exposes(exposed: dict[str, str]) -> None:
     expressions = list(rule_expressions())
     assert expressions, "no rules loaded"
+    known = known_series(exposed)
     for name, expr in expressions:
         used = metric_names(expr)
         assert used, f"{name}: no metric in {expr!r}"
-        assert used <= exposed.keys(), f"{name}: {sorted(used - exposed.keys())} not exposed"
+        assert used <= known, f"{name}: {sorted(used - known)} not exposed"
+
+
+def test_every_alert_says_what_and_where_its_runbook_is() -> None:
+    readme = (ROOT / "README.md").read_text()
+    alerts = [rule for rule in rules() if "alert" in rule]
+    assert {"EmaServiceDown", "EmaRedisErrors", "EmaHighErrorRatio", "EmaSlowPushScript"} <= {
+        rule["alert"] for rule in alerts
+    }
+    for rule in alerts:
+        name = rule["alert"]
+        annotations = rule["annotations"]
+        assert annotations["summary"].strip(), name
+        assert len(annotations["description"]) > len(annotations["summary"]), name
+        assert annotations["runbook"] == f"README.md#{name.lower()}"
+        assert re.search(rf"^#### {name}$", readme, re.MULTILINE), f"README: no runbook for {name}"
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
 
 
 # --- Grafana ----------------------------------------------------------------------------------
@@ -253,6 +280,7 @@ def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def test_dashboard_shows_every_family_and_nothing_the_service_lacks(
     exposed: dict[str, str],
 ) -> None:
+    known = known_series(exposed)
     uids = {s["uid"] for doc in provisioning("datasources") for s in doc["datasources"]}
     shown: set[str] = set()
     for name, dashboard in dashboards().items():
@@ -269,9 +297,9 @@ def test_dashboard_shows_every_family_and_nothing_the_service_lacks(
         for title, expr, datasource in queries:
             used = metric_names(expr)
             assert used, f"{name}: {title}: no metric in {expr!r}"
-            assert used <= exposed.keys(), f"{name}: {title}: {sorted(used - exposed.keys())}"
+            assert used <= known, f"{name}: {title}: {sorted(used - known)}"
             assert datasource, f"{name}: {title}: no data source"
             assert datasource["uid"] in uids, f"{name}: {title}: {datasource}"
-            shown |= {exposed[metric] for metric in used}
+            shown |= {exposed[metric] for metric in used if metric in exposed}
     # Every family the service exposes is on a dashboard: the service's and the streams'.
     assert shown == set(exposed.values())
