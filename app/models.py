@@ -340,6 +340,18 @@ class StreamPage(BaseModel):
         description="Pass as `cursor` for the next page; null when the listing is complete.",
         examples=[None],
     )
+    states: list[StreamState] | None = Field(
+        default=None,
+        description="With `states=true`: the listed streams' states, in the order of `streams` "
+        "(a stream deleted since it was listed is left out). Null otherwise.",
+        examples=[None],
+    )
+    time: float | None = Field(
+        default=None,
+        description="With `states=true`: Redis server time the states were read at, Unix "
+        "seconds (a rate stream's value is its rate as of then).",
+        examples=[None],
+    )
 
 
 class HistoryEntry(BaseModel):

@@ -385,17 +385,23 @@ class StreamStore:
     async def states(self, names: Sequence[str]) -> list[StreamState]:
         """The states of those of `names` that exist, in one round trip, with rates as of Redis
         server time now."""
+        return (await self.states_at(names))[0]
+
+    async def states_at(self, names: Sequence[str]) -> tuple[list[StreamState], float]:
+        """The states of those of `names` that exist, and the Redis server time they are as of
+        (a rate stream's value is its rate then), in one round trip."""
         async with self._errors(), self._client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(self._layout.stream(name))
             _queue_time(pipe, self._layout.stream(names[0] if names else ""))
             *replies, time_reply = await pipe.execute()
         now = _seconds(time_reply)
-        return [
+        states = [
             state_from_fields(name, fields, now)
             for name, fields in zip(names, replies, strict=True)
             if fields
         ]
+        return states, now
 
     async def history(self, name: str, since: int, limit: int) -> HistoryPage:
         """The oldest `limit` history entries with an id (count) above `since`."""

@@ -1,5 +1,7 @@
 """The HTTP API's resources, statuses and bodies."""
 
+import math
+
 import httpx
 import pytest
 import redis
@@ -129,6 +131,38 @@ async def test_listing_pages_through_every_stream_once(
             break
     assert sorted(seen) == sorted(name for name in names if name.startswith("m."))
     assert pages >= 13
+
+
+async def test_listing_with_states_is_an_overview_in_one_request(
+    client: httpx.AsyncClient, redis_client: "redis.Redis"
+) -> None:
+    await client.put("/v1/streams/ov.mean", json={"decay": 0.5, "initial": 0})
+    await client.put("/v1/streams/ov.rate", json={"halflife": 60, "kind": "rate"})
+    await client.put("/v1/streams/ov.none", json={"decay": 0.9})
+    for name, value in (("ov.mean", 4.0), ("ov.rate", 30.0)):
+        await client.post(f"/v1/streams/{name}/values", json={"value": value})
+    plain = (await client.get("/v1/streams", params={"prefix": "ov."})).json()
+    assert plain["states"] is None
+    assert plain["time"] is None
+    page = (await client.get("/v1/streams", params={"prefix": "ov.", "states": "true"})).json()
+    assert page["next_cursor"] is None
+    by_name = {state["name"]: state for state in page["states"]}
+    assert [state["name"] for state in page["states"]] == page["streams"]
+    assert set(by_name) == {"ov.mean", "ov.rate", "ov.none"}
+    # Each state is what GET gives (a rate: as of the page's time, which GET's follows).
+    assert by_name["ov.mean"] == (await client.get("/v1/streams/ov.mean")).json()
+    assert by_name["ov.mean"]["value"] == 2.0
+    assert by_name["ov.none"]["count"] == 0
+    rate = by_name["ov.rate"]
+    assert rate["config"]["kind"] == "rate"
+    assert page["time"] >= rate["updated_at"]
+    elapsed = page["time"] - rate["timestamp"]
+    assert rate["value"] == pytest.approx(30 * math.log(2) / 60 * 2 ** (-elapsed / 60), rel=1e-12)
+    later = (await client.get("/v1/streams/ov.rate")).json()
+    assert later["value"] <= rate["value"]
+    empty = (await client.get("/v1/streams", params={"prefix": "zz", "states": "true"})).json()
+    assert empty["streams"] == empty["states"] == []
+    assert isinstance(empty["time"], float)
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,18 @@ async def list_streams(
         str | None, Query(max_length=512, description="next_cursor from the previous page.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="Most names in one page.")] = 100,
+    states: Annotated[
+        bool,
+        Query(
+            description="Also return each listed stream's state (as GET does), read in one "
+            "round trip, and the server time they are as of."
+        ),
+    ] = False,
 ) -> StreamPage:
     """List stream names page by page (Redis SCAN, never KEYS): a page may hold fewer than
-    `limit` names even when more follow; the listing ends when next_cursor is null."""
-    return await store.list_names(prefix, cursor, limit)
+    `limit` names even when more follow; the listing ends when next_cursor is null. With
+    `states=true` the page carries the streams' states too: an overview in one request."""
+    page = await store.list_names(prefix, cursor, limit)
+    if states:
+        page.states, page.time = await store.states_at(page.streams)
+    return page
