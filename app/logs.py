@@ -43,6 +43,10 @@ class JsonFormatter(logging.Formatter):
 JsonFormatter.converter = time.gmtime
 
 
+# uvicorn adds a copy of its message with ANSI colours: one copy is enough.
+_NOT_IN_TEXT = _STANDARD | {"color_message"}
+
+
 class TextFormatter(logging.Formatter):
     """Formats a record as one line for people: local time, level, logger, message, then any
     `extra` fields as key=value."""
@@ -50,7 +54,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%H:%M:%S") + f".{int(record.msecs):03d}"
         line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        extra = [f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD]
+        extra = [f"{k}={v}" for k, v in vars(record).items() if k not in _NOT_IN_TEXT]
         if extra:
             line += "  " + " ".join(extra)
         if record.exc_info:

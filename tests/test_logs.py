@@ -117,6 +117,7 @@ def run_on_a_terminal(tmp_path: Path, redis_url: str, **env: str) -> list[str]:
 def test_a_terminal_gets_readable_lines(tmp_path: Path, redis_server: RedisServer) -> None:
     lines = run_on_a_terminal(tmp_path, redis_server.url)
     assert lines
+    assert not [line for line in lines if "\x1b" in line]  # uvicorn's coloured copies
     for line in lines:
         with pytest.raises(json.JSONDecodeError):
             json.loads(line)
