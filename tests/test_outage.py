@@ -80,3 +80,24 @@ async def test_blocked_redis_gives_503_after_the_timeout(own_redis: RedisServer)
         finally:
             blocker.join()
         assert (await client.get("/v1/streams/cpu")).status_code == 200
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_first_burst_after_a_restart_gets_no_503(own_redis: RedisServer, how: str) -> None:
+    # Every pooled connection is dead after a restart; none of the burst's commands reached
+    # Redis on one, so none may fail as "may or may not have been applied".
+    settings = make_settings(own_redis.url, redis_timeout=2)
+
+    async def burst(client: httpx.AsyncClient) -> set[int]:
+        pushes = [
+            client.post(f"/v1/streams/s{i % 10}/values", json={"value": 1}) for i in range(300)
+        ]
+        return {response.status_code for response in await asyncio.gather(*pushes)}
+
+    async for client in serve(settings):
+        assert await burst(client) == {200}  # a pool of many connections
+        # In a thread, so that the service's event loop runs meanwhile, as it would.
+        await asyncio.to_thread(lambda: (getattr(own_redis, how)(), own_redis.start()))
+        assert await burst(client) == {200}
+        counts = [(await client.get(f"/v1/streams/s{i}")).json()["count"] for i in range(10)]
+        assert counts == [60] * 10  # AOF with fsync always: nothing lost, nothing twice
