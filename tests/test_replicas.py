@@ -32,6 +32,10 @@ def test_two_processes_pushing_to_the_same_streams_keep_exact_counts(
     services = [ServiceProcess(tmp_path, **env), ServiceProcess(tmp_path, **env)]
     try:
         counts = asyncio.run(push_through(services))
+        # Read while the services run (their workers end with them).
+        states = {
+            name: httpx.get(f"{services[0].url}/v1/streams/{name}").json() for name in STREAMS
+        }
     finally:
         for service in services:
             service.kill()
@@ -39,7 +43,7 @@ def test_two_processes_pushing_to_the_same_streams_keep_exact_counts(
     per_stream = len(services) * CLIENTS * ROUNDS * 3
     for name in STREAMS:
         assert sorted(counts[name]) == sorted(set(counts[name])), "two pushes saw one count"
-        state = httpx.get(f"{services[0].url}/v1/streams/{name}").json()
+        state = states[name]
         assert state["count"] == per_stream
         reference = ReferenceEma(0.99, None)
         for _ in range(per_stream):
