@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -85,56 +86,282 @@ def shown(x: float) -> str:
     return f"{x:.6g}"
 
 
-@pytest.mark.timeout(90)
-def test_live_page_shows_a_pushed_value_in_a_real_browser(service: ServiceProcess) -> None:
+def need_chromium() -> None:
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing: scripts/test installs Debian's chromium")
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+
+
+class Browser:
+    """Debian's chromium through Playwright, collecting console errors and screenshots."""
+
+    def __init__(self, playwright: Any) -> None:
+        self.browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        self.problems: list[str] = []
+
+    def page(self, width: int, height: int = 800) -> Any:
+        page = self.browser.new_page(viewport={"width": width, "height": height})
+        page.set_default_timeout(15_000)
+        page.on("console", lambda m: self.problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda error: self.problems.append(str(error)))
+        return page
+
+    def close(self) -> None:
+        self.browser.close()
+
+
+def screenshot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def no_horizontal_overflow(page: Any) -> None:
+    widths = page.evaluate(
+        "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    )
+    assert widths[0] <= widths[1], f"content {widths[0]} px wide in a {widths[1]} px window"
+
+
+def text_is(page: Any, locator: Any, expected: str) -> None:
+    page.wait_for_function(
+        "([element, text]) => element.textContent === text",
+        arg=[locator.element_handle(), expected],
+    )
+
+
+def number(locator: Any) -> float:
+    return float(locator.get_attribute("data-value"))
+
+
+STREAMS: dict[str, dict[str, Any]] = {
+    "ui.loss": {
+        "decay": 0.5,
+        "initial": 0,
+        "history": 100,
+        "windows": [{"name": "slow", "decay": 0.9}],
+    },
+    "ui.latency": {
+        "halflife": 10,
+        "history": 100,
+        "windows": [{"name": "1m", "halflife": 60}, {"name": "5m", "halflife": 300}],
+    },
+    # A short halflife: the rate visibly falls within a second while no events come.
+    "ui.requests": {
+        "halflife": 2,
+        "kind": "rate",
+        "history": 100,
+        "windows": [{"name": "1m", "halflife": 60}],
+    },
+}
+
+
+@pytest.mark.timeout(120)
+def test_overview_and_detail_of_every_kind_in_a_real_browser(service: ServiceProcess) -> None:
+    need_chromium()
     from playwright.sync_api import sync_playwright
 
-    name = "ui.demo"
-    stream = f"{service.url}/v1/streams/{name}"
-    reference = ReferenceEma(0.5, 0.0)
-    assert httpx.put(stream, json={"decay": 0.5, "initial": 0, "history": 100}).status_code == 201
+    base = service.url
+    loss = ReferenceEma(0.5, 0.0)
+    slow = ReferenceEma(0.9, None)
+    for name, config in STREAMS.items():
+        assert httpx.put(f"{base}/v1/streams/{name}", json=config).status_code == 201
     for value in (3.0, 7.0, 5.0):
-        reference.push(value)
-        assert httpx.post(f"{stream}/values", json={"value": value}).status_code == 200
+        loss.push(value)
+        slow.push(value)
+        assert httpx.post(f"{base}/v1/streams/ui.loss/values", json={"value": value}).is_success
+    now = httpx.get(f"{base}/v1/streams/ui.loss").json()["updated_at"]
+    # The latency stream: samples with timestamps, a pause of 10 minutes among them (a gap).
+    samples = [(now - 900 + i, 20.0 + i) for i in range(5)] + [
+        (now - 300 + i, 40.0) for i in range(5)
+    ]
+    batch = [{"value": x, "timestamp": t} for t, x in samples]
+    assert httpx.post(f"{base}/v1/streams/ui.latency/values", json={"values": batch}).is_success
+    rate = httpx.post(f"{base}/v1/streams/ui.requests/values", json={"values": [4, 6]}).json()
+    # More streams, without history, for paging: 30 of them.
+    bulk = [{"stream": f"pg.{i:02}", "value": float(i)} for i in range(30)]
+    assert httpx.post(f"{base}/v1/values", json={"entries": bulk}).json()["failed"] == 0
+    latency = httpx.get(f"{base}/v1/streams/ui.latency").json()
 
-    problems: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = Browser(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 640})
-            page.set_default_timeout(15_000)
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda error: problems.append(str(error)))
-            page.goto(f"{service.url}/?streams={name}")
-            card = page.locator(f'section.card[data-stream="{name}"]')
-            card.and_(page.locator('[data-status="live"]')).wait_for()
-            # What was pushed before the page opened: from the stream's state and history.
-            assert card.locator('[data-field="count"]').inner_text() == "3"
-            assert card.locator('[data-field="value"]').inner_text() == shown(reference.shadow)
-            assert "decay 0.5" in card.locator(".config").inner_text()
-            page.wait_for_function(
-                f"document.querySelector('[data-stream=\"{name}\"]').dataset.points === '3'"
+            page = browser.page(1200)
+            page.goto(f"{base}/?prefix=ui.")
+            rows = page.locator(".row")
+            page.wait_for_function("document.querySelectorAll('.row').length === 3")
+            assert [r.get_attribute("data-stream") for r in rows.all()] == sorted(STREAMS)
+            row = {name: page.locator(f'.row[data-stream="{name}"]') for name in STREAMS}
+            assert row["ui.loss"].locator('[data-field="kind"]').inner_text() == "mean"
+            assert row["ui.requests"].locator('[data-field="kind"]').inner_text() == "rate"
+            assert row["ui.loss"].locator('[data-field="value"]').inner_text() == shown(loss.shadow)
+            assert row["ui.latency"].locator('[data-field="value"]').inner_text() == shown(
+                latency["value"]
             )
+            assert row["ui.requests"].locator('[data-field="value"]').inner_text().endswith("/s")
+            config = row["ui.latency"].locator('[data-field="config"]').inner_text()
+            assert "halflife 10 s" in config
+            assert "1m: halflife 60 s" in config
+            assert "5m: halflife 5 min" in config
+            assert "decay 0.5" in row["ui.loss"].locator('[data-field="config"]').inner_text()
+            assert re.fullmatch(
+                r"updated \d+ s ago", row["ui.loss"].locator('[data-field="updated"]').inner_text()
+            )
+            # Sparklines from history.
+            for name in STREAMS:
+                page.wait_for_function(
+                    f"document.querySelector('.row[data-stream=\"{name}\"] polyline')"
+                    ".getAttribute('points').split(' ').length >= 2"
+                )
+            # The rate decays while idle, on the overview too.
+            first = number(row["ui.requests"].locator('[data-field="value"]'))
+            page.wait_for_timeout(1200)
+            assert number(row["ui.requests"].locator('[data-field="value"]')) < first
+            screenshot(page, "overview-wide")
 
-            # A push through the API arrives over the event stream.
-            reference.push(41.5)
-            assert httpx.post(f"{stream}/values", json={"value": 41.5}).status_code == 200
-            value = card.locator('[data-field="value"]')
+            # Sorted by last update: the latest push first.
+            page.select_option("#sort", "updated")
             page.wait_for_function(
-                "([element, text]) => element.textContent === text",
-                arg=[value.element_handle(), shown(reference.shadow)],
+                "document.querySelector('.row').dataset.stream === 'ui.requests'"
             )
-            assert card.locator('[data-field="last"]').inner_text() == "41.5"
-            assert card.locator('[data-field="count"]').inner_text() == "4"
+            # Every stream, paged by 25.
+            page.fill("#prefix", "")
+            page.wait_for_function("document.querySelector('#overview').dataset.streams === '33'")
+            assert page.locator("#page-label").inner_text() == "1\u201325 of 33"
+            page.click("#next")
+            assert page.locator("#page-label").inner_text() == "26\u201333 of 33"
+            assert rows.count() == 8
+
+            # Details: the mean by decay, with the service's numbers.
+            page.goto(f"{base}/?prefix=ui.")
+            page.locator('.row[data-stream="ui.loss"]').click()
+            detail = page.locator("#detail")
+            page.wait_for_function("document.querySelector('#detail').dataset.status === 'live'")
+            numbers = page.locator("#numbers")
+            assert numbers.locator('[data-field="value"]').inner_text() == shown(loss.shadow)
+            assert numbers.locator('[data-field="debiased"]').inner_text() == shown(loss.debiased)
+            assert numbers.locator('[data-field="count"]').inner_text() == "3"
+            assert numbers.locator('[data-field="last"]').inner_text() == "5"
+            page.wait_for_function("document.querySelector('#detail').dataset.points === '3'")
+            assert detail.locator('[data-field="kind"]').inner_text() == "mean"
+            # A push arrives over the event stream, windows and all.
+            loss.push(41.5)
+            slow.push(41.5)
+            assert httpx.post(f"{base}/v1/streams/ui.loss/values", json={"value": 41.5}).is_success
+            text_is(page, numbers.locator('[data-field="value"]'), shown(loss.shadow))
+            assert numbers.locator('[data-window="slow"]').inner_text() == shown(slow.shadow)
+            assert numbers.locator('[data-field="count"]').inner_text() == "4"
+            page.wait_for_function("document.querySelector('#detail').dataset.points === '4'")
+            screenshot(page, "detail-decay")
+
+            # The halflife mean: windows shown, and the 10-minute pause in its history a gap.
+            page.goto(f"{base}/?stream=ui.latency")
+            page.wait_for_function("document.querySelector('#detail').dataset.status === 'live'")
+            assert numbers.locator('[data-field="value"]').inner_text() == shown(latency["value"])
+            for window in ("1m", "5m"):
+                expected = shown(latency["windows"][window]["value"])
+                assert numbers.locator(f'[data-window="{window}"]').inner_text() == expected
+            page.wait_for_function("document.querySelector('#detail').dataset.points === '10'")
+            assert detail.get_attribute("data-gaps") == "1"
+            screenshot(page, "detail-halflife")
+
+            # The rate: events per second on their own axis, falling while idle.
+            page.goto(f"{base}/?stream=ui.requests")
+            page.wait_for_function("document.querySelector('#detail').dataset.status === 'live'")
+            assert detail.get_attribute("data-kind") == "rate"
+            assert "events per second" in detail.locator('[data-field="kind"]').inner_text()
+            assert page.locator("#chart .u-axis").count() == 3  # time, events/s, counts
+            assert numbers.locator('[data-field="last"]').inner_text() == "6"
+            value = numbers.locator('[data-field="value"]')
+            before, window_before = number(value), number(numbers.locator('[data-window="1m"]'))
+            assert 0 < before < rate["value"]
+            page.wait_for_timeout(1200)
+            after = number(value)
+            assert after < before
+            assert number(numbers.locator('[data-window="1m"]')) < window_before
+            # Two halflives of 2 s fall by about 4 over 4 s: the page decays by the right halflife.
+            assert after / before == pytest.approx(2 ** (-1.2 / 2), rel=0.2)
+            screenshot(page, "detail-rate")
+
+            # 390 px wide: nothing overflows, on the overview and on a detail.
+            narrow = browser.page(390)
+            narrow.goto(f"{base}/?prefix=ui.")
+            narrow.wait_for_function("document.querySelectorAll('.row').length === 3")
+            no_horizontal_overflow(narrow)
+            screenshot(narrow, "overview-390")
+            for name in STREAMS:
+                narrow.goto(f"{base}/?stream={name}")
+                narrow.wait_for_function(
+                    "document.querySelector('#detail').dataset.status === 'live'"
+                )
+                no_horizontal_overflow(narrow)
+            screenshot(narrow, "detail-rate-390")
+
+            # The service goes away: the detail says so, and the outage will be a gap.
+            gaps = int(detail.get_attribute("data-gaps") or "0")
+            service.kill()
+            page.wait_for_function("document.querySelector('#detail').dataset.status === 'waiting'")
+            assert "disconnected" in detail.locator('[data-field="status"]').inner_text()
             page.wait_for_function(
-                f"document.querySelector('[data-stream=\"{name}\"]').dataset.points === '4'"
+                f"Number(document.querySelector('#detail').dataset.gaps) > {gaps}"
             )
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "live-page.png"), full_page=True)
+            screenshot(page, "detail-disconnected")
         finally:
             browser.close()
-    assert problems == []
+    assert browser.problems == [] or all(
+        "Failed to load resource" in problem or "ERR_CONNECTION_REFUSED" in problem
+        for problem in browser.problems
+    ), browser.problems
+
+
+@pytest.mark.timeout(90)
+def test_the_api_key_flow_in_a_real_browser(
+    tmp_path: Path, redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    from app.auth import write_compose_keys
+
+    admin = write_compose_keys(tmp_path / "secrets")
+    reader = (tmp_path / "secrets" / "metrics-key").read_text()
+    service = ServiceProcess(
+        tmp_path,
+        REDIS_URL=redis_server.url,
+        EMA_KEY_PREFIX="test:",
+        EMA_WORKERS="1",
+        EMA_API_KEYS_FILE=str(tmp_path / "secrets" / "api-keys.json"),
+    )
+    try:
+        pushed = httpx.post(
+            f"{service.url}/v1/streams/cpu/values",
+            json={"value": 2.5},
+            headers={"Authorization": f"Bearer {admin}"},
+        )
+        assert pushed.is_success
+        with sync_playwright() as playwright:
+            browser = Browser(playwright)
+            try:
+                page = browser.page(390)
+                page.goto(f"{service.url}/")
+                panel = page.locator("#key-panel")
+                panel.wait_for()
+                # The service's own words, not an HTTP status text.
+                assert "a valid API key is required" in page.locator("#message").inner_text()
+                assert "a valid API key is required" in page.locator("#key-why").inner_text()
+                assert page.locator("#key-button").inner_text() == "API key: none"
+                no_horizontal_overflow(page)
+                screenshot(page, "api-key-asked")
+                page.fill("#key", reader)
+                page.click("#key-panel button[type=submit]")
+                page.locator('.row[data-stream="cpu"]').wait_for()
+                assert page.locator("#key-button").inner_text() == "API key: set"
+                assert panel.is_hidden()
+                assert page.locator("#message").is_hidden()
+                value = page.locator('.row[data-stream="cpu"] [data-field="value"]')
+                assert value.inner_text() == "2.5"
+            finally:
+                browser.close()
+        assert all("401" in problem for problem in browser.problems), browser.problems
+    finally:
+        service.kill()
