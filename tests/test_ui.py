@@ -365,3 +365,48 @@ def test_the_api_key_flow_in_a_real_browser(
         assert all("401" in problem for problem in browser.problems), browser.problems
     finally:
         service.kill()
+
+
+@pytest.mark.timeout(90)
+def test_a_redis_outage_is_shown_in_the_services_words(tmp_path: Path) -> None:
+    need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    redis_server = RedisServer(tmp_path / "redis").start()
+    service = ServiceProcess(
+        tmp_path, REDIS_URL=redis_server.url, EMA_KEY_PREFIX="test:", EMA_WORKERS="1"
+    )
+    try:
+        assert httpx.post(f"{service.url}/v1/streams/cpu/values", json={"value": 1.5}).is_success
+        with sync_playwright() as playwright:
+            browser = Browser(playwright)
+            try:
+                page = browser.page(390)
+                page.goto(f"{service.url}/")
+                page.locator('.row[data-stream="cpu"]').wait_for()
+                redis_server.kill()
+                page.wait_for_function(
+                    "document.querySelector('#overview').dataset.status === 'failing'"
+                )
+                # The service's problem+json detail, with its status and title.
+                shown = page.locator("#message").inner_text()
+                assert "Redis is unavailable" in shown
+                assert "(503 Service Unavailable)" in shown
+                assert "stale" in (page.locator(".row").get_attribute("class") or "")
+                no_horizontal_overflow(page)
+                screenshot(page, "overview-redis-down")
+                redis_server.start()  # empty: it was killed before it saved anything
+                pushed = httpx.post(f"{service.url}/v1/streams/cpu/values", json={"value": 1.5})
+                assert pushed.is_success
+                page.wait_for_function(
+                    "document.querySelector('#overview').dataset.status === 'live'"
+                )
+                assert page.locator("#message").is_hidden()
+                assert page.locator(
+                    '.row[data-stream="cpu"] [data-field="value"]'
+                ).inner_text() == ("1.5")
+            finally:
+                browser.close()
+    finally:
+        service.kill()
+        redis_server.kill()
