@@ -233,11 +233,14 @@
     }
   }
 
-  // The spread (EW standard deviation) once the service reports one.
+  // The spread: the exponentially weighted standard deviation the service reports with a mean
+  // (null before two values, and for rates).
   function spreadOf(state) {
-    const std = state.std ?? state.spread?.std;
-    return typeof std === "number" && typeof state.value === "number" ? std : null;
+    return typeof state.std === "number" && typeof state.value === "number" ? state.std : null;
   }
+
+  // Whether the stream has a spread to draw: a mean, from a service that reports one.
+  const hasSpread = (state) => !isRate(state.config) && "std" in state;
 
   // --- the overview --------------------------------------------------------------------------
 
@@ -440,7 +443,9 @@
       for (const row of document.querySelectorAll(".row")) tickRow(row);
       if (error.status === 401 || error.status === 403) return; // until a key is given
     }
-    if ($("#detail").hidden) overview.timer = setTimeout(pollOverview, POLL_MS);
+    // Many streams: read them less often (each read carries every state).
+    const pause = overview.readings.size > 1000 ? 5 * POLL_MS : POLL_MS;
+    if ($("#detail").hidden) overview.timer = setTimeout(pollOverview, pause);
   }
 
   let typing = null;
@@ -540,7 +545,7 @@
       for (const [i, w] of (config.windows || []).entries()) {
         columns.push({ key: `w:${w.name}`, window: w.name, label: `${w.name}${rate ? " /s" : ""}`, stroke: COLORS.windows[i % COLORS.windows.length] });
       }
-      if (spreadOf(state) !== null) {
+      if (hasSpread(state)) {
         columns.push({ key: "high", label: "value + 2σ", stroke: COLORS.band, band: true });
         columns.push({ key: "low", label: "value − 2σ", stroke: COLORS.band, band: true });
       }
@@ -566,7 +571,7 @@
         ["last", rate ? "events in last push" : "last raw"],
         ["count", "count"],
         ...(state.config.windows || []).map((w) => [`w:${w.name}`, `${w.name} (${windowSpec(w)})`]),
-        ...(spreadOf(state) !== null ? [["std", "std (σ)"], ["z", "z of last"]] : []),
+        ...(hasSpread(state) ? [["std", "std (σ)"], ["z", "z of last"]] : []),
         ["updated", "updated"],
       ];
       $("#numbers").replaceChildren(...items.map(([field, label]) => {
@@ -736,11 +741,8 @@
       put('[data-field="last"]', state.last);
       put('[data-field="count"]', state.count);
       for (const w of state.config.windows || []) put(`[data-window="${CSS.escape(w.name)}"]`, reading.window(w.name, now));
-      const std = spreadOf(state);
-      if (std !== null) {
-        put('[data-field="std"]', std);
-        put('[data-field="z"]', std > 0 && state.last !== null ? (state.last - state.value) / std : null);
-      }
+      put('[data-field="std"]', spreadOf(state));
+      put('[data-field="z"]', state.z);
       const updated = $('[data-field="updated"]', $("#numbers"));
       if (updated) updated.textContent = ago(state.updated_at).replace("updated ", "");
     }
@@ -808,7 +810,7 @@
           }
           previous = entry.time;
           if (entry.id === state.count) newest = entry;
-          else this.add(this.row(entry.time, { last: entry.raw, value: entry.value }));
+          else this.add(this.row(entry.time, { last: entry.raw, value: entry.value, std: entry.std }));
         }
       }
       this.lastCount = state.count;
