@@ -1,35 +1,30 @@
 """Fixtures: a real redis-server per session on a free port, flushed before each test, and the
 app served in-process over httpx, once with the push fast path and once without.
 
-The modules in CLUSTER_MODULES run twice: against the single redis-server and against a local
-Redis Cluster of three primaries (`redis_server` is then either), with the service in cluster
-mode (make_settings knows the cluster's URL)."""
+A test runs on the single redis-server unless it says otherwise: marked (or its module marked)
+with tests.utils.SINGLE_AND_CLUSTER, it runs twice, the second time with `redis_server` a local
+Redis Cluster of three primaries and the service in cluster mode.
 
+At the end of the run, no process the tests started may remain: the run fails if one does."""
+
+import contextlib
+import os
+import signal
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 import redis
 
-from app.main import create_app
 from app.settings import Settings
 from tests.redis_server import RedisCluster, RedisServer
+from tests.utils import CLUSTER_URLS, RUN_MARK, make_settings, processes_marked, serve
 
-# The foundation's semantic tests, unchanged, also run against a Redis Cluster.
-CLUSTER_MODULES = {
-    "test_semantics",
-    "test_api",
-    "test_validation",
-    "test_concurrency",
-    "test_values",
-}
-_CLUSTER_URLS: set[str] = set()
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    module = metafunc.module.__name__.rpartition(".")[2]
-    if module in CLUSTER_MODULES and "redis_server" in metafunc.fixturenames:
-        metafunc.parametrize("redis_server", ["single", "cluster"], indirect=True, scope="session")
+# Inherited by every process the tests start, so that one left running can be found. A fresh
+# one per run: a run started from inside another sees only its own processes.
+RUN_ID = os.environ[RUN_MARK] = uuid.uuid4().hex
 
 
 @pytest.fixture(scope="session")
@@ -48,14 +43,14 @@ def single_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Re
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
     """Three primaries, no replicas (tests/test_cluster.py starts its own for failovers)."""
     cluster = RedisCluster(tmp_path_factory.mktemp("cluster")).start()
-    _CLUSTER_URLS.add(cluster.url)
+    CLUSTER_URLS.add(cluster.url)
     yield cluster
     cluster.stop()
 
 
 @pytest.fixture(scope="session")
 def redis_server(request: pytest.FixtureRequest) -> RedisServer:
-    """The single redis-server; for CLUSTER_MODULES, also the cluster (duck-typed alike)."""
+    """The single redis-server; under SINGLE_AND_CLUSTER, also the cluster (duck-typed alike)."""
     backend = getattr(request, "param", "single")
     server: RedisServer = request.getfixturevalue(
         "redis_cluster" if backend == "cluster" else "single_redis_server"
@@ -72,24 +67,9 @@ def redis_client(redis_server: RedisServer) -> Iterator["redis.Redis"]:
         yield client
 
 
-def make_settings(redis_url: str, **overrides: object) -> Settings:
-    values: dict[str, object] = {"redis_url": redis_url, "key_prefix": "test:", **overrides}
-    if redis_url in _CLUSTER_URLS:
-        values.setdefault("redis_cluster", True)
-    return Settings(**values)  # type: ignore[arg-type]
-
-
 @pytest.fixture(params=[True, False], ids=["fast-path", "framework"])
 def settings(request: pytest.FixtureRequest, redis_server: RedisServer) -> Settings:
     return make_settings(redis_server.url, fast_path=request.param)
-
-
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://ema.test") as client:
-            yield client
 
 
 @pytest.fixture
@@ -100,6 +80,28 @@ async def client(
         yield http
 
 
-def snapshot(client: "redis.Redis") -> dict[str, object]:
-    """Everything stored, to show that a rejected request changed nothing."""
-    return {key: client.dump(key) for key in sorted(client.keys("*"))}
+_LEFTOVERS: list[tuple[int, str]] = []
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """After every fixture has been torn down: what the tests started must have ended."""
+    deadline = time.monotonic() + 5  # a killed process may take a moment to go
+    while (left := processes_marked(RUN_ID)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        _LEFTOVERS.extend(left)
+        for pid, _ in left:  # not to burden the machine, nor the next run's ports
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _LEFTOVERS:
+        terminalreporter.section("processes left running", red=True)
+        for pid, command in _LEFTOVERS:
+            terminalreporter.line(f"{pid}: {command}")
+        terminalreporter.line(
+            f"{len(_LEFTOVERS)} processes started by the tests outlived them (killed now): "
+            "end each one in the test or fixture that starts it (tests/service.py)"
+        )

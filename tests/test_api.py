@@ -6,10 +6,11 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import make_settings, serve
 from tests.redis_server import RedisServer
+from tests.utils import SINGLE_AND_CLUSTER, make_settings, serve
 
-pytestmark = pytest.mark.anyio
+# Every test runs on a single Redis and on a Redis Cluster.
+pytestmark = [pytest.mark.anyio, SINGLE_AND_CLUSTER]
 
 
 async def test_put_creates_then_replaces_and_resets(client: httpx.AsyncClient) -> None:

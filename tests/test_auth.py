@@ -10,9 +10,9 @@ import redis
 
 from app.auth import ApiKey, hash_key
 from app.settings import Settings
-from tests.conftest import make_settings, serve, snapshot
 from tests.redis_server import RedisServer
 from tests.service import ServiceProcess
+from tests.utils import make_settings, serve, snapshot
 
 pytestmark = pytest.mark.anyio
 

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 from ema_client import Client
 
 from tests.redis_server import RedisServer, free_port
-from tests.test_client import FAST, Proxy, Service, needs_events
+from tests.service import ServiceProcess
+from tests.utils import FAST, Proxy, needs_events
 
 EMA = Path(sys.executable).parent / "ema"
 
@@ -32,10 +32,14 @@ def installed() -> None:
 @pytest.fixture(scope="module")
 def service(
     redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Service]:
-    running = Service(tmp_path_factory.mktemp("cli-service"), redis_server.url).start()
-    yield running
-    running.stop()
+) -> Iterator[ServiceProcess]:
+    with ServiceProcess(
+        tmp_path_factory.mktemp("cli-service"),
+        REDIS_URL=redis_server.url,
+        EMA_KEY_PREFIX=f"c{uuid.uuid4().hex[:8]}:",
+        EMA_WORKERS="1",
+    ) as running:
+        yield running
 
 
 @pytest.fixture
@@ -68,7 +72,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], status: int,
     assert "Traceback" not in result.stderr
 
 
-def test_push_get_ls_rm_for_people(service: Service, name: str) -> None:
+def test_push_get_ls_rm_for_people(service: ServiceProcess, name: str) -> None:
     created = run("create", name, "--decay", "0.99", "--initial", "0", url=service.url)
     assert created.returncode == 0, created.stderr
     pushed = run("push", name, "5", "--num-updates", "0", url=service.url)
@@ -90,7 +94,7 @@ def test_push_get_ls_rm_for_people(service: Service, name: str) -> None:
     assert_one_line_error(run("get", name, url=service.url), 1, f"stream '{name}' does not exist")
 
 
-def test_json_output_anywhere_on_the_line(service: Service, name: str) -> None:
+def test_json_output_anywhere_on_the_line(service: ServiceProcess, name: str) -> None:
     pushed = json.loads(run("--json", "push", name, "5", url=service.url).stdout)
     assert (pushed["name"], pushed["value"], pushed["count"]) == (name, 5.0, 1)
     state = json.loads(run("get", name, "--json", url=service.url).stdout)
@@ -99,7 +103,7 @@ def test_json_output_anywhere_on_the_line(service: Service, name: str) -> None:
     assert json.loads(run("rm", name, "--json", url=service.url).stdout) == {"deleted": name}
 
 
-def test_the_address_comes_from_url_then_ema_url(service: Service, name: str) -> None:
+def test_the_address_comes_from_url_then_ema_url(service: ServiceProcess, name: str) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
     with Client(service.url) as ema:
         ema.push(name, 1)
@@ -115,7 +119,9 @@ def test_the_address_comes_from_url_then_ema_url(service: Service, name: str) ->
     assert_one_line_error(results[-1], 1, "cannot connect")
 
 
-def test_the_api_key_comes_from_the_option_then_ema_api_key(service: Service, name: str) -> None:
+def test_the_api_key_comes_from_the_option_then_ema_api_key(
+    service: ServiceProcess, name: str
+) -> None:
     proxy = Proxy(service.port)
     try:
         run("push", name, "1", url=proxy.url, EMA_API_KEY="from-env")
@@ -146,7 +152,7 @@ def test_bad_arguments_are_one_line_and_status_2() -> None:
         assert_one_line_error(result, 2, text)
 
 
-def test_service_errors_are_one_line_and_status_1(service: Service) -> None:
+def test_service_errors_are_one_line_and_status_1(service: ServiceProcess) -> None:
     cases = [
         (("push", "no spaces", "1"), "422 Unprocessable Entity: path.name"),
         (("push", "cpu", "nan"), "finite number"),
@@ -168,7 +174,7 @@ def watch(*args: str, url: str) -> subprocess.Popen[str]:
     )
 
 
-def watch_pushes(service: Service, name: str, *options: str) -> list[dict[str, object]]:
+def watch_pushes(service: ServiceProcess, name: str, *options: str) -> list[dict[str, object]]:
     """Runs `ema watch --json --count 3`, pushing once it has shown the stream's state until
     it stops by itself; returns what it printed."""
     with Client(service.url, retry=FAST) as ema:
@@ -196,18 +202,18 @@ def watch_pushes(service: Service, name: str, *options: str) -> list[dict[str, o
     return lines
 
 
-def test_watch_polls_until_count_updates(service: Service, name: str) -> None:
+def test_watch_polls_until_count_updates(service: ServiceProcess, name: str) -> None:
     watch_pushes(service, name, "--poll", "--interval", "0.05")
 
 
 @needs_events
-def test_watch_follows_events_until_count_updates(service: Service, name: str) -> None:
+def test_watch_follows_events_until_count_updates(service: ServiceProcess, name: str) -> None:
     lines = watch_pushes(service, name)
     # Pushes made before the subscription was open are caught up by a GET: few lines skip.
     assert len(lines) >= 3
 
 
-def test_watch_stops_after_its_duration(service: Service, name: str) -> None:
+def test_watch_stops_after_its_duration(service: ServiceProcess, name: str) -> None:
     with Client(service.url) as ema:
         ema.push(name, 3)
     started = time.monotonic()
@@ -226,36 +232,18 @@ def test_watch_says_when_the_service_is_unreachable() -> None:
 
 def test_serve_runs_the_service(redis_server: RedisServer, tmp_path: Path, name: str) -> None:
     port = free_port()
-    env = environment(
-        REDIS_URL=redis_server.url, EMA_KEY_PREFIX="cli-serve:", EMA_DATA_DIR=str(tmp_path)
-    )
-    with (tmp_path / "serve.log").open("ab") as log:
-        server = subprocess.Popen(
-            [str(EMA), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=env,
-            stdout=log,
-            stderr=log,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "ema serve did not start"
-                time.sleep(0.05)
-        assert json.loads(run("push", name, "2", "--json", url=url).stdout)["value"] == 2.0
-        server.send_signal(signal.SIGTERM)
+    with ServiceProcess(
+        tmp_path,
+        command=[str(EMA), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        port=port,
+        REDIS_URL=redis_server.url,
+        EMA_KEY_PREFIX="cli-serve:",
+    ) as server:
+        assert json.loads(run("push", name, "2", "--json", url=server.url).stdout)["value"] == 2.0
+        server.process.send_signal(signal.SIGTERM)
         # A clean stop: uvicorn shuts down, then exits by the signal it caught, as it re-raises.
-        assert server.wait(20) in (0, -signal.SIGTERM)
-        assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        assert server.process.wait(20) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in server.log.read_text()
 
 
 def test_version() -> None:

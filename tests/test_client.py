@@ -6,15 +6,8 @@ Tests of endpoints the service does not have yet are skipped on its OpenAPI sche
 run by themselves once the endpoint lands.
 """
 
-import contextlib
 import json
-import os
-import re
-import socket
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +19,6 @@ from ema_client import (
     ApiError,
     AsyncClient,
     Client,
-    Features,
     Forbidden,
     InvalidInput,
     Lagged,
@@ -35,7 +27,6 @@ from ema_client import (
     Page,
     PayloadTooLarge,
     Problem,
-    Retry,
     Sample,
     ServiceUnavailable,
     State,
@@ -48,96 +39,49 @@ from ema_client import (
 
 from app import models
 from app.auth import ApiKey, hash_key
-from app.main import create_app
-from app.settings import Settings
 from tests.redis_server import RedisServer, free_port
 from tests.reference import ReferenceEma
-
-# What the service offers, read from the same OpenAPI schema its /openapi.json serves.
-FEATURES = Features.from_openapi(create_app(Settings(redis_url="redis://127.0.0.1:1/0")).openapi())
-needs_events = pytest.mark.skipif(
-    not FEATURES.events, reason="the service has no GET /v1/streams/{name}/events yet"
-)
-needs_idempotency = pytest.mark.skipif(
-    not FEATURES.idempotency, reason="the service does not take Idempotency-Key yet"
-)
-needs_bulk = pytest.mark.skipif(not FEATURES.bulk, reason="the service has no POST /v1/values yet")
-# Keys are checked before routing and not (yet) declared in the schema: look for the setting.
-needs_api_keys = pytest.mark.skipif(
-    not (FEATURES.api_keys or "api_keys" in Settings.model_fields),
-    reason="the service does not check API keys yet",
+from tests.service import ServiceProcess
+from tests.utils import (
+    FAST,
+    FEATURES,
+    Proxy,
+    needs_api_keys,
+    needs_bulk,
+    needs_events,
+    needs_idempotency,
 )
 
-# Retries in milliseconds: the tests wait for nothing.
-FAST = Retry(attempts=3, backoff=0.005, max_delay=0.02)
 
-
-class Service:
-    """`python -m app` on a free port, one worker, on the given Redis under its own prefix."""
-
-    def __init__(self, directory: Path, redis_url: str, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.directory = directory
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("EMA_", "REDIS_"))}
-        self.env |= {
-            "REDIS_URL": redis_url,
-            "EMA_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
-            "EMA_PORT": str(self.port),
-            "EMA_WORKERS": "1",
-            "EMA_DATA_DIR": str(directory / "data"),
-            **env,
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, ready: str = "/readyz") -> "Service":
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with (self.directory / "service.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "app"], env=self.env, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log()
-            try:
-                if httpx.get(self.url + ready, timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"the service did not start: {self.log()}")
-
-    def log(self) -> str:
-        return (self.directory / "service.log").read_text()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def own_prefix(redis_url: str) -> dict[str, str]:
+    """One worker on `redis_url`, under a key prefix of its own."""
+    return {
+        "REDIS_URL": redis_url,
+        "EMA_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
+        "EMA_WORKERS": "1",
+    }
 
 
 @pytest.fixture(scope="module")
 def service(
     redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Service]:
-    running = Service(
-        tmp_path_factory.mktemp("service"), redis_server.url, EMA_MAX_BODY_BYTES="4096"
-    ).start()
-    yield running
-    running.stop()
+) -> Iterator[ServiceProcess]:
+    with ServiceProcess(
+        tmp_path_factory.mktemp("service"),
+        **own_prefix(redis_server.url),
+        EMA_MAX_BODY_BYTES="4096",
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-def service_without_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service_without_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """A service whose Redis is not there: every call that needs it is a 503."""
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
-    running = Service(tmp_path_factory.mktemp("no-redis"), nowhere).start(ready="/healthz")
-    yield running
-    running.stop()
+    with ServiceProcess(
+        tmp_path_factory.mktemp("no-redis"), ready="/healthz", **own_prefix(nowhere)
+    ) as running:
+        yield running
 
 
 @pytest.fixture
@@ -147,116 +91,13 @@ def name() -> str:
 
 
 @pytest.fixture
-def ema(service: Service) -> Iterator[Client]:
+def ema(service: ServiceProcess) -> Iterator[Client]:
     with Client(service.url, retry=FAST) as client:
         yield client
 
 
-# --- a proxy that drops connections -----------------------------------------------------------
-
-_REQUEST_HEAD = re.compile(rb"(GET|POST|PUT|DELETE) (\S+) HTTP/1\.1\r\n((?:[^\r\n]+\r\n)*)\r\n")
-
-
-class Proxy:
-    """A loopback TCP proxy in front of the service. It records what clients send, and drops
-    connections: the next `drop_responses` responses are swallowed and their connection closed
-    (the service has served the request; the client sees the connection drop), and `cut()`
-    closes every open connection."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.drop_responses = 0
-        self.connections = 0
-        self.sent: list[bytearray] = []
-        self.lock = threading.Lock()
-        self.open: set[socket.socket] = set()
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    def requests(self) -> list[tuple[str, str, dict[str, str]]]:
-        """(method, path, headers) of every request seen, in order per connection."""
-        with self.lock:
-            data = [bytes(sent) for sent in self.sent]
-        found = []
-        for sent in data:
-            for method, path, head in _REQUEST_HEAD.findall(sent):
-                pairs = (line.split(": ", 1) for line in head.decode().splitlines())
-                headers = {key.lower(): value for key, value in pairs}
-                found.append((method.decode(), path.decode(), headers))
-        return found
-
-    def cut(self) -> None:
-        with self.lock:
-            sockets = list(self.open)
-        for sock in sockets:
-            _shut(sock)
-
-    def close(self) -> None:
-        _shut(self.listener)  # wakes the accepting thread; close alone does not
-        self.listener.close()
-        self.cut()
-        for thread in self.threads:
-            thread.join(5)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            sent = bytearray()
-            with self.lock:
-                self.connections += 1
-                self.sent.append(sent)
-                self.open |= {client, upstream}
-            for target in (self._forward_requests, self._forward_responses):
-                thread = threading.Thread(target=target, args=(client, upstream, sent), daemon=True)
-                self.threads.append(thread)
-                thread.start()
-
-    def _forward_requests(
-        self, client: socket.socket, upstream: socket.socket, sent: bytearray
-    ) -> None:
-        try:
-            while data := client.recv(65536):
-                with self.lock:
-                    sent += data
-                upstream.sendall(data)
-        except OSError:
-            pass
-        _shut(upstream)
-
-    def _forward_responses(
-        self, client: socket.socket, upstream: socket.socket, _: bytearray
-    ) -> None:
-        try:
-            while data := upstream.recv(65536):
-                with self.lock:
-                    drop = self.drop_responses > 0
-                    self.drop_responses -= drop
-                if drop:
-                    break
-                client.sendall(data)
-        except OSError:
-            pass
-        _shut(client)
-        _shut(upstream)
-        with self.lock:
-            self.open -= {client, upstream}
-        client.close()
-        upstream.close()
-
-
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # already closed
-        sock.shutdown(socket.SHUT_RDWR)
-
-
 @pytest.fixture
-def proxy(service: Service) -> Iterator[Proxy]:
+def proxy(service: ServiceProcess) -> Iterator[Proxy]:
     running = Proxy(service.port)
     yield running
     running.close()
@@ -317,7 +158,7 @@ def test_list_streams_follows_every_page(ema: Client, name: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_async_client_makes_every_call(service: Service, name: str) -> None:
+async def test_async_client_makes_every_call(service: ServiceProcess, name: str) -> None:
     async with AsyncClient(service.url, retry=FAST) as ema:
         assert (await ema.create(name, decay=0.99, initial=0)).count == 0
         assert (await ema.push(name, 5, num_updates=0)).value == 4.5
@@ -418,7 +259,7 @@ def test_an_unreachable_service_is_a_transport_error() -> None:
 
 
 def test_503_is_retried_for_idempotent_calls_with_its_details(
-    service_without_redis: Service,
+    service_without_redis: ServiceProcess,
 ) -> None:
     proxy = Proxy(service_without_redis.port)
     try:
@@ -547,8 +388,9 @@ def test_keys_are_sent_and_checked(redis_server: RedisServer, tmp_path: Path, na
         ),
     ]
     configured = json.dumps([key.model_dump(mode="json") for key in keys])
-    service = Service(tmp_path, redis_server.url, EMA_API_KEYS=configured).start()
-    try:
+    with ServiceProcess(
+        tmp_path, **own_prefix(redis_server.url), EMA_API_KEYS=configured
+    ) as service:
         with Client(service.url, retry=FAST) as anonymous:
             assert anonymous.features() == FEATURES  # the schema is public
             with pytest.raises(Unauthorized) as missing:
@@ -574,8 +416,6 @@ def test_keys_are_sent_and_checked(redis_server: RedisServer, tmp_path: Path, na
             assert admin.get(f"cpu.{name}").count >= 1
             with pytest.raises(NotFound):
                 admin.get(name)  # the refused pushes applied nothing
-    finally:
-        service.stop()
 
 
 # --- bulk -------------------------------------------------------------------------------------
@@ -626,7 +466,7 @@ class Pusher:
 
 
 @needs_events
-def test_subscribe_yields_updates(ema: Client, service: Service, name: str) -> None:
+def test_subscribe_yields_updates(ema: Client, service: ServiceProcess, name: str) -> None:
     ema.create(name, decay=0.5, initial=0)
     updates: list[Update] = []
     with Pusher(service.url, name), ema.subscribe(name, idle_timeout=3, max_reconnects=1) as events:
@@ -643,7 +483,9 @@ def test_subscribe_yields_updates(ema: Client, service: Service, name: str) -> N
 
 
 @needs_events
-def test_subscribe_reconnects_with_last_event_id(proxy: Proxy, service: Service, name: str) -> None:
+def test_subscribe_reconnects_with_last_event_id(
+    proxy: Proxy, service: ServiceProcess, name: str
+) -> None:
     seen: list[Update | Lagged] = []
     with (
         Client(proxy.url, retry=FAST) as ema,
@@ -668,7 +510,7 @@ def test_subscribe_reconnects_with_last_event_id(proxy: Proxy, service: Service,
 
 @needs_events
 @pytest.mark.anyio
-async def test_async_subscribe_yields_updates(service: Service, name: str) -> None:
+async def test_async_subscribe_yields_updates(service: ServiceProcess, name: str) -> None:
     async with AsyncClient(service.url, retry=FAST) as ema:
         with Pusher(service.url, name):
             async with ema.subscribe(name, idle_timeout=3, max_reconnects=1) as events:

@@ -3,7 +3,7 @@ a primary lost (killed, or failed over by hand) while pushes go on, after which 
 recovers by itself with every acknowledged push in place.
 
 The foundation's semantic, API, validation and concurrency tests also run against a cluster,
-unchanged (tests/conftest.py, CLUSTER_MODULES)."""
+unchanged (their modules' `pytestmark`, tests.utils.SINGLE_AND_CLUSTER)."""
 
 import asyncio
 import hashlib
@@ -23,10 +23,9 @@ from app.events import Lagged
 from app.main import create_app
 from app.scripts import load_source
 from app.settings import Settings
-from tests.conftest import make_settings
 from tests.redis_server import RedisCluster
 from tests.service import ServiceProcess
-from tests.test_events import subscribe
+from tests.utils import make_settings, subscribe
 
 pytestmark = pytest.mark.anyio
 

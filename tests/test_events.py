@@ -1,9 +1,7 @@
 """Subscriptions over Server-Sent Events, through real service processes sharing one Redis."""
 
-import json
 import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -15,6 +13,7 @@ from app.models import StreamConfig, StreamState
 from tests.redis_server import RedisServer
 from tests.reference import ReferenceEma
 from tests.service import ServiceProcess
+from tests.utils import subscribe
 
 
 @pytest.fixture
@@ -22,53 +21,13 @@ def replicas(
     tmp_path: Path, redis_server: RedisServer, redis_client: "redis.Redis"
 ) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     env = {"REDIS_URL": redis_server.url, "EMA_KEY_PREFIX": "test:", "EMA_WORKERS": "1"}
-    first = ServiceProcess(tmp_path, **env, EMA_SSE_HEARTBEAT="0.2", EMA_MAX_SUBSCRIPTIONS="3")
-    second = ServiceProcess(tmp_path, **env)
-    yield first, second
-    first.kill()
-    second.kill()
-
-
-Event = tuple[str, str | None, dict[str, object]]
-
-
-class EventReader:
-    """Parses an SSE response into (event, id, data), skipping comments after noting them."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.lines = response.iter_lines()
-        self.comments: list[str] = []
-
-    def next(self) -> Event:
-        kind, event_id, data = "message", None, ""
-        for line in self.lines:
-            if line.startswith(":"):
-                self.comments.append(line)
-            elif line.startswith("event: "):
-                kind = line.removeprefix("event: ")
-            elif line.startswith("id: "):
-                event_id = line.removeprefix("id: ")
-            elif line.startswith("data: "):
-                data = line.removeprefix("data: ")
-            elif line == "" and data:
-                return kind, event_id, json.loads(data)
-        raise EOFError
-
-    def wait_subscribed(self) -> None:
-        for line in self.lines:
-            if line == ": subscribed":
-                return
-        raise EOFError
-
-
-@contextmanager
-def subscribe(url: str, headers: dict[str, str] | None = None) -> Iterator[EventReader]:
-    with httpx.stream("GET", url, headers=headers, timeout=10) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        reader = EventReader(response)
-        reader.wait_subscribed()
-        yield reader
+    with (
+        ServiceProcess(
+            tmp_path, **env, EMA_SSE_HEARTBEAT="0.2", EMA_MAX_SUBSCRIPTIONS="3"
+        ) as first,
+        ServiceProcess(tmp_path, **env) as second,
+    ):
+        yield first, second
 
 
 def test_subscriber_gets_every_update_in_order_through_any_replica(

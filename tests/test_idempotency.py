@@ -6,7 +6,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import snapshot
+from tests.utils import snapshot
 
 pytestmark = pytest.mark.anyio
 

@@ -5,7 +5,6 @@ import logging
 import os
 import pty
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,9 +13,9 @@ import pytest
 
 from app.auth import ApiKey, hash_key
 from app.logs import JsonFormatter, TextFormatter
-from tests.conftest import make_settings, serve
-from tests.redis_server import RedisServer, free_port
-from tests.service import ServiceProcess, service_env, wait_ready
+from tests.redis_server import RedisServer
+from tests.service import ServiceProcess
+from tests.utils import make_settings, serve
 
 
 @pytest.mark.anyio
@@ -67,8 +66,7 @@ def test_service_logs_json_lines_without_keys(
         httpx.get(f"{service.url}/v1/streams/s", params={"api_key": "top-secret-key"})
         httpx.get(f"{service.url}/v1/streams/s", headers={"Authorization": "Bearer guess"})
     finally:
-        service.process.terminate()
-        service.process.wait(10)
+        service.stop()
     text = service.log.read_text()
     assert "top-secret-key" not in text
     lines = [json.loads(line) for line in text.splitlines()]
@@ -82,34 +80,27 @@ def test_service_logs_json_lines_without_keys(
 def run_on_a_terminal(tmp_path: Path, redis_url: str, **env: str) -> list[str]:
     """`python -m app` with stderr on a pseudo-terminal: the lines it logs while serving one
     request and stopping."""
-    port = free_port()
     controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app"],
-        env=service_env(tmp_path, port, REDIS_URL=redis_url, EMA_WORKERS="1", **env),
-        stdin=subprocess.DEVNULL,
-        stdout=terminal,
-        stderr=terminal,
-    )
-    os.close(terminal)
     output = bytearray()
     try:
-        wait_ready(f"http://127.0.0.1:{port}", process)
-        httpx.get(f"http://127.0.0.1:{port}/v1/streams/nothing-here")
-        process.terminate()
-        process.wait(10)
-        while True:  # the terminal's buffer, until the last writer is gone
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
+        try:
+            service = ServiceProcess(
+                tmp_path, output=terminal, REDIS_URL=redis_url, EMA_WORKERS="1", **env
+            )
+        finally:
+            os.close(terminal)  # the service's copy is the last writer
+        with service:
+            httpx.get(f"{service.url}/v1/streams/nothing-here")
+            service.stop()
+            while True:  # the terminal's buffer, until the last writer is gone
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
         os.close(controller)
     return output.decode().splitlines()
 

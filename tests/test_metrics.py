@@ -30,10 +30,10 @@ from app.metrics import (
     remove_multiprocess_directory,
 )
 from app.settings import Settings
-from tests.conftest import make_settings, serve
 from tests.redis_server import RedisServer, free_port
 from tests.reference import ReferenceEma
 from tests.service import ServiceProcess
+from tests.utils import make_settings, serve
 
 # The series the README documents (counters by family name, without `_total`).
 DOCUMENTED = {

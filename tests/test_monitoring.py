@@ -18,8 +18,8 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import make_settings, serve
 from tests.redis_server import RedisServer
+from tests.utils import make_settings, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import make_settings, serve
 from tests.redis_server import RedisServer
+from tests.utils import make_settings, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -13,10 +13,10 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import snapshot
 from tests.redis_server import RedisServer
 from tests.reference import ReferenceEma
 from tests.service import ServiceProcess
+from tests.utils import snapshot
 
 RUNS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 

@@ -6,49 +6,38 @@ from collections import defaultdict
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.redis_server import RedisCluster, RedisServer
 from tests.reference import ReferenceEma
 from tests.service import ServiceProcess
+from tests.utils import SINGLE_AND_CLUSTER
 
 STREAMS = ["hot", "warm.a", "warm.b"]
 ROUNDS = 8
 CLIENTS = 8  # per process
 
 
-@pytest.mark.parametrize("backend", ["single", "cluster"])
+@SINGLE_AND_CLUSTER
 def test_two_processes_pushing_to_the_same_streams_keep_exact_counts(
-    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+    tmp_path: Path, redis_server: RedisServer | RedisCluster
 ) -> None:
-    server: RedisServer | RedisCluster = request.getfixturevalue(
-        "redis_cluster" if backend == "cluster" else "single_redis_server"
-    )
-    with server.client() as client:
+    with redis_server.client() as client:
         client.flushall()
-    env = {"REDIS_URL": server.url, "EMA_KEY_PREFIX": "test:", "EMA_WORKERS": "2"}
-    if backend == "cluster":
+    env = {"REDIS_URL": redis_server.url, "EMA_KEY_PREFIX": "test:", "EMA_WORKERS": "2"}
+    if isinstance(redis_server, RedisCluster):
         env["REDIS_CLUSTER"] = "true"
-    services = [ServiceProcess(tmp_path, **env), ServiceProcess(tmp_path, **env)]
-    try:
-        counts = asyncio.run(push_through(services))
-        # Read while the services run (their workers end with them).
-        states = {
-            name: httpx.get(f"{services[0].url}/v1/streams/{name}").json() for name in STREAMS
-        }
-    finally:
-        for service in services:
-            service.kill()
+    with ServiceProcess(tmp_path, **env) as first, ServiceProcess(tmp_path, **env) as second:
+        counts = asyncio.run(push_through([first, second]))
+        states = {name: httpx.get(f"{first.url}/v1/streams/{name}").json() for name in STREAMS}
     # One single push and one bulk entry of two values per stream, per client and round.
-    per_stream = len(services) * CLIENTS * ROUNDS * 3
+    per_stream = 2 * CLIENTS * ROUNDS * 3
     for name in STREAMS:
         assert sorted(counts[name]) == sorted(set(counts[name])), "two pushes saw one count"
-        state = states[name]
-        assert state["count"] == per_stream
+        assert states[name]["count"] == per_stream
         reference = ReferenceEma(0.99, None)
         for _ in range(per_stream):
             reference.push(1.0)
-        assert state["value"] == reference.shadow
+        assert states[name]["value"] == reference.shadow
 
 
 async def push_through(services: list[ServiceProcess]) -> dict[str, list[int]]:

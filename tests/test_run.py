@@ -1,11 +1,13 @@
 """`python -m app`, the README's run command, as a real process: embedded Redis, several
 workers, the worked example over real HTTP, and a clean stop."""
 
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,37 +16,18 @@ import httpx
 import pytest
 
 from tests.redis_server import free_port
-from tests.service import service_env, wait_ready
-
-
-def start_service(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
-    with (tmp_path / "service.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app"],
-            env=service_env(tmp_path, port, EMA_WORKERS="2"),
-            stdout=log,
-            stderr=log,
-        )
-    wait_ready(f"http://127.0.0.1:{port}", process)
-    return process
+from tests.service import ServiceProcess, service_env
+from tests.utils import RUN_MARK, processes_marked
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    process = start_service(tmp_path, port)
-    try:
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+def service(tmp_path: Path) -> Iterator[ServiceProcess]:
+    with ServiceProcess(tmp_path, EMA_WORKERS="2") as running:
+        yield running
 
 
-def test_run_command_serves_the_worked_example(
-    service: tuple[str, subprocess.Popen[bytes]],
-) -> None:
-    base, _ = service
+def test_run_command_serves_the_worked_example(service: ServiceProcess) -> None:
+    base = service.url
     form = {"content-type": "application/x-www-form-urlencoded"}  # what curl -d sends
     with httpx.Client(base_url=base, headers=form) as http:
         assert (
@@ -62,10 +45,8 @@ def test_run_command_serves_the_worked_example(
         assert http.get("/v1/streams/cpu").json()["value"] == 4.60945
 
 
-def test_workers_share_one_redis_and_lose_no_update(
-    service: tuple[str, subprocess.Popen[bytes]],
-) -> None:
-    base, _ = service
+def test_workers_share_one_redis_and_lose_no_update(service: ServiceProcess) -> None:
+    base = service.url
 
     def pushes(_: int) -> set[int]:
         with httpx.Client(base_url=base) as http:
@@ -80,12 +61,12 @@ def test_workers_share_one_redis_and_lose_no_update(
 
 
 def test_sigterm_stops_the_service_and_its_redis_and_data_survives(
-    service: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+    service: ServiceProcess, tmp_path: Path
 ) -> None:
-    base, process = service
-    with httpx.Client(base_url=base) as http:
+    process = service.process
+    with httpx.Client(base_url=service.url) as http:
         assert http.post("/v1/streams/kept/values", json={"value": 1.5}).status_code == 200
-    logged = (tmp_path / "service.log").read_text()
+    logged = service.log.read_text()
     redis_port = int(re.search(r"embedded redis-server on redis://127.0.0.1:(\d+)", logged)[1])
     assert port_open(redis_port)
 
@@ -94,14 +75,9 @@ def test_sigterm_stops_the_service_and_its_redis_and_data_survives(
     assert not port_open(redis_port)
     assert (tmp_path / "data" / "appendonlydir").is_dir()
 
-    port = free_port()
-    again = start_service(tmp_path, port)
-    try:
-        state = httpx.get(f"http://127.0.0.1:{port}/v1/streams/kept").json()
+    with ServiceProcess(tmp_path, EMA_WORKERS="2") as again:
+        state = httpx.get(f"{again.url}/v1/streams/kept").json()
         assert (state["count"], state["value"]) == (1, 1.5)
-    finally:
-        again.terminate()
-        again.wait(20)
 
 
 def test_missing_redis_server_is_explained(tmp_path: Path) -> None:
@@ -135,3 +111,44 @@ def test_help_prints_usage_and_starts_nothing(tmp_path: Path) -> None:
     assert result.stdout.startswith("usage: python -m app")
     assert "REDIS_URL" in result.stdout
     assert list(tmp_path.iterdir()) == []  # no data folder, no redis-server
+
+
+def group_members(pgid: int) -> set[int]:
+    """The live (not zombie) processes of a process group, from /proc."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            # Fields after the command's closing parenthesis: state, ppid, pgrp, ...
+            state, _, pgrp = (entry / "stat").read_text().rpartition(")")[2].split()[:3]
+        except (OSError, ValueError):  # not a process, or ended meanwhile
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            members.add(int(entry.name))
+    return members
+
+
+def test_killing_the_service_ends_its_workers_and_embedded_redis(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path, EMA_WORKERS="2")
+    try:
+        # The supervisor, two workers, the embedded redis-server (and uvicorn's helpers).
+        assert len(group_members(service.process.pid)) >= 4
+    finally:
+        service.kill()
+    deadline = time.monotonic() + 5
+    while group_members(service.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not group_members(service.process.pid)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{service.url}/healthz")
+
+
+def test_a_process_left_running_is_found_by_the_end_of_run_check() -> None:
+    # A shell that leaves `sleep` running behind it: an orphan, no longer below this process.
+    orphan = subprocess.run(
+        ["sh", "-c", "sleep 60 > /dev/null 2>&1 & echo $!"], capture_output=True, text=True
+    )
+    pid = int(orphan.stdout)
+    try:
+        assert pid in {found for found, _ in processes_marked(os.environ[RUN_MARK])}
+    finally:
+        os.kill(pid, signal.SIGKILL)

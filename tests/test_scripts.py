@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from app.scripts import load_source
-from tests.conftest import snapshot
+from tests.utils import snapshot
 
 KEY = "test:{s}"
 HISTORY = "test:{s}:history"

@@ -6,8 +6,10 @@ import httpx
 import pytest
 
 from tests.reference import ReferenceEma
+from tests.utils import SINGLE_AND_CLUSTER
 
-pytestmark = pytest.mark.anyio
+# Every test runs on a single Redis and on a Redis Cluster.
+pytestmark = [pytest.mark.anyio, SINGLE_AND_CLUSTER]
 
 
 async def push(client: httpx.AsyncClient, name: str, body: dict[str, object]) -> dict[str, object]:

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import redis
 
-from tests.conftest import snapshot
 from tests.reference import ReferenceEma
+from tests.utils import snapshot
 
 pytestmark = pytest.mark.anyio
 

@@ -7,10 +7,11 @@ import pytest
 import redis
 
 from app.settings import Settings
-from tests.conftest import make_settings, serve, snapshot
 from tests.redis_server import RedisServer
+from tests.utils import SINGLE_AND_CLUSTER, make_settings, serve, snapshot
 
-pytestmark = pytest.mark.anyio
+# Every test runs on a single Redis and on a Redis Cluster.
+pytestmark = [pytest.mark.anyio, SINGLE_AND_CLUSTER]
 
 MAX_BATCH = 50
 MAX_BODY = 4096
@@ -152,34 +153,31 @@ async def test_bad_stream_name_is_rejected_everywhere(
     assert snapshot(redis_client) == before
 
 
-async def test_declared_oversized_body_is_413(
-    client: httpx.AsyncClient, redis_client: "redis.Redis"
-) -> None:
-    before = snapshot(redis_client)
-    body = b'{"values": [' + b", ".join([b"1.5"] * 2000) + b"]}"
-    assert len(body) > MAX_BODY
-    for method, path in (("POST", "/v1/streams/cpu/values"), ("PUT", "/v1/streams/cpu")):
-        response = await client.request(method, path, content=body)
-        assert response.status_code == 413
-        assert response.headers["content-type"] == "application/problem+json"
-        assert str(MAX_BODY) in response.json()["detail"]
-    assert snapshot(redis_client) == before
-
-
-async def test_streamed_oversized_body_is_413(
-    client: httpx.AsyncClient, redis_client: "redis.Redis"
-) -> None:
-    before = snapshot(redis_client)
+def oversized_body(declared: bool) -> bytes | AsyncIterator[bytes]:
+    """Over MAX_BODY, with its length declared up front, or streamed in chunks."""
+    if declared:
+        return b'{"values": [' + b", ".join([b"1.5"] * 2000) + b"]}"
 
     async def chunks() -> AsyncIterator[bytes]:
         yield b'{"values": ['
-        for _ in range(1000):
+        for _ in range(2000):
             yield b"1.5, "
         yield b"1]}"
 
-    assert 1000 * len(b"1.5, ") > MAX_BODY
-    response = await client.post("/v1/streams/cpu/values", content=chunks())
-    assert response.status_code == 413
+    return chunks()
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "streamed"])
+async def test_oversized_body_is_413(
+    client: httpx.AsyncClient, redis_client: "redis.Redis", declared: bool
+) -> None:
+    before = snapshot(redis_client)
+    assert 2000 * len(b"1.5, ") > MAX_BODY
+    for method, path in (("POST", "/v1/streams/cpu/values"), ("PUT", "/v1/streams/cpu")):
+        response = await client.request(method, path, content=oversized_body(declared))
+        assert response.status_code == 413
+        assert response.headers["content-type"] == "application/problem+json"
+        assert str(MAX_BODY) in response.json()["detail"]
     assert snapshot(redis_client) == before
 
 

@@ -1,10 +1,10 @@
 """POST /v1/values: many streams in one request, each entry applied on its own and reported.
 
-Runs against a single Redis and a Redis Cluster (tests/conftest.py, CLUSTER_MODULES)."""
+Runs against a single Redis and a Redis Cluster (`pytestmark`); `client` is conftest's, on the
+settings below."""
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -12,11 +12,12 @@ import redis
 
 from app.auth import ApiKey, hash_key
 from app.settings import Settings
-from tests.conftest import make_settings, serve, snapshot
 from tests.redis_server import RedisServer
 from tests.reference import ReferenceEma
+from tests.utils import SINGLE_AND_CLUSTER, make_settings, serve, snapshot
 
-pytestmark = pytest.mark.anyio
+# Every test runs on a single Redis and on a Redis Cluster.
+pytestmark = [pytest.mark.anyio, SINGLE_AND_CLUSTER]
 
 MAX_BATCH = 50
 
@@ -24,14 +25,6 @@ MAX_BATCH = 50
 @pytest.fixture
 def settings(redis_server: RedisServer) -> Settings:
     return make_settings(redis_server.url, max_batch=MAX_BATCH)
-
-
-@pytest.fixture
-async def client(
-    settings: Settings, redis_client: "redis.Redis"
-) -> AsyncIterator[httpx.AsyncClient]:
-    async for http in serve(settings):
-        yield http
 
 
 async def bulk(client: httpx.AsyncClient, *entries: object, **kwargs: object) -> dict[str, object]:
