@@ -52,6 +52,7 @@ class ServiceProcess:
             self.process = subprocess.Popen(
                 list(command),
                 env=service_env(directory, self.port, **env),
+                cwd=directory,  # nothing written in the checkout
                 stdin=subprocess.DEVNULL,
                 stdout=log if output is None else output,
                 stderr=log if output is None else output,

@@ -2,21 +2,18 @@
 workers) ends its workers and the embedded redis-server within a second; and one embedded
 redis-server per data folder, whatever starts the app."""
 
-import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.redis_server import free_port
-from tests.service import service_env, wait_ready
+from tests.service import ServiceProcess
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux prctl")
 
@@ -63,36 +60,6 @@ def serves(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture
-def session_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes started in their own session; their whole group is killed at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def start(
-    command: list[str], tmp_path: Path, port: int, started: list[subprocess.Popen[bytes]]
-) -> subprocess.Popen[bytes]:
-    with (tmp_path / f"service-{port}.log").open("ab") as log:
-        process = subprocess.Popen(
-            command,
-            env=service_env(tmp_path, port, EMA_WORKERS="2"),
-            cwd=tmp_path,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-    started.append(process)
-    wait_ready(f"http://127.0.0.1:{port}", process)
-    return process
-
-
 def assert_all_end_within_a_second(port: int, pids: list[int]) -> None:
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline and (serves(port) or any(map(alive, pids))):
@@ -107,51 +74,50 @@ def push_count(base: str, pushes: int) -> int:
     return int(httpx.get(f"{base}/v1/streams/n").json()["count"])
 
 
-def test_kill_9_of_python_m_app_ends_its_workers_and_redis(
-    tmp_path: Path, session_processes: list[subprocess.Popen[bytes]]
-) -> None:
-    port = free_port()
-    supervisor = start([sys.executable, "-m", "app"], tmp_path, port, session_processes)
-    below = descendants(supervisor.pid)
-    assert len(redis_servers(below)) == 1
-    assert len(below) >= 3  # two workers and the redis-server, at least
-    supervisor.kill()
-    supervisor.wait()
-    assert_all_end_within_a_second(port, list(below))
+def test_kill_9_of_python_m_app_ends_its_workers_and_redis(tmp_path: Path) -> None:
+    # Its own process group, ended by the helper: here only the supervisor is killed.
+    with ServiceProcess(tmp_path, EMA_WORKERS="2") as service:
+        supervisor = service.process
+        below = descendants(supervisor.pid)
+        assert len(redis_servers(below)) == 1
+        assert len(below) >= 3  # two workers and the redis-server, at least
+        supervisor.kill()
+        supervisor.wait()
+        assert_all_end_within_a_second(service.port, list(below))
 
 
-def test_uvicorn_workers_share_one_embedded_redis_and_end_with_uvicorn(
-    tmp_path: Path, session_processes: list[subprocess.Popen[bytes]]
-) -> None:
+def test_uvicorn_workers_share_one_embedded_redis_and_end_with_uvicorn(tmp_path: Path) -> None:
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "--workers", "3", "--port", str(port)]
-    supervisor = start([*command, "app.main:app"], tmp_path, port, session_processes)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while len(descendants(supervisor.pid)) < 5 and time.monotonic() < deadline:
-        time.sleep(0.1)  # the readiness above needed one worker up, not all three
-    below = descendants(supervisor.pid)
-    [server] = redis_servers(below)  # one, not one per worker
-    assert push_count(base, 30) == 30
+    with ServiceProcess(
+        tmp_path, command=[*command, "app.main:app"], port=port, EMA_WORKERS="2"
+    ) as service:
+        supervisor, base = service.process, service.url
+        deadline = time.monotonic() + 30
+        while len(descendants(supervisor.pid)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the readiness above needed one worker up, not all three
+        below = descendants(supervisor.pid)
+        [server] = redis_servers(below)  # one, not one per worker
+        assert push_count(base, 30) == 30
 
-    # The worker that owns it dies: the server goes with it and another worker starts it
-    # again, on the same port and data, while the supervisor replaces the dead worker.
-    time.sleep(1.2)  # the AOF is written every second
-    owner = _stat(server)
-    assert owner is not None
-    os.kill(owner[1], signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        servers = redis_servers(descendants(supervisor.pid))
-        if servers and servers != [server]:
-            break
-        time.sleep(0.1)
-    assert len(servers) == 1
-    assert servers != [server]
-    wait_ready(base, supervisor)
-    assert push_count(base, 30) == 60
+        # The worker that owns it dies: the server goes with it and another worker starts it
+        # again, on the same port and data, while the supervisor replaces the dead worker.
+        time.sleep(1.2)  # the AOF is written every second
+        owner = _stat(server)
+        assert owner is not None
+        os.kill(owner[1], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            servers = redis_servers(descendants(supervisor.pid))
+            if servers and servers != [server]:
+                break
+            time.sleep(0.1)
+        assert len(servers) == 1
+        assert servers != [server]
+        service.wait_ready()
+        assert push_count(base, 30) == 60
 
-    below = descendants(supervisor.pid)
-    supervisor.kill()
-    supervisor.wait()
-    assert_all_end_within_a_second(port, list(below))
+        below = descendants(supervisor.pid)
+        supervisor.kill()
+        supervisor.wait()
+        assert_all_end_within_a_second(service.port, list(below))
