@@ -52,7 +52,8 @@ def descendants(root: int) -> dict[int, str]:
 
 
 def redis_servers(processes: dict[int, str]) -> list[int]:
-    return [pid for pid, command in processes.items() if "redis-server" in command.split()[0]]
+    # A process that is exiting has an empty command line: not a server any more.
+    return [pid for pid, command in processes.items() if "redis-server" in command.split(" ")[0]]
 
 
 def serves(port: int) -> bool:
