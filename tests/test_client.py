@@ -19,6 +19,7 @@ from ema_client import (
     ApiError,
     AsyncClient,
     Client,
+    ConfigurationError,
     Forbidden,
     InvalidInput,
     Lagged,
@@ -246,6 +247,16 @@ def test_status_codes_map_to_error_types() -> None:
         7.0,
     )
     assert type(answer(418, b"")) is ApiError
+
+
+def test_a_bad_url_or_key_is_refused_before_anything_is_sent() -> None:
+    assert Client("127.0.0.1:8000").url == "http://127.0.0.1:8000"
+    assert Client("https://ema.example/base/").url == "https://ema.example/base"
+    for url in ("ftp://ema.example", "http://", "localhost:port"):
+        with pytest.raises(ConfigurationError, match="invalid service URL"):
+            Client(url)
+    with pytest.raises(ConfigurationError, match="API key"):
+        Client("127.0.0.1:8000", api_key="line\nbreak")
 
 
 def test_an_unreachable_service_is_a_transport_error() -> None:

@@ -18,6 +18,7 @@ from ema_client.client import (
     AsyncSubscription,
     BulkResult,
     Client,
+    ConfigurationError,
     Conflict,
     EmaError,
     Event,
@@ -43,6 +44,7 @@ from ema_client.client import (
     Update,
     Value,
     error_for,
+    service_url,
 )
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "AsyncSubscription",
     "BulkResult",
     "Client",
+    "ConfigurationError",
     "Conflict",
     "EmaError",
     "Event",
@@ -82,4 +85,5 @@ __all__ = [
     "Value",
     "__version__",
     "error_for",
+    "service_url",
 ]

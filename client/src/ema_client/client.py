@@ -24,6 +24,7 @@ applying it again would move the average twice. Such a failure is raised with
 Errors, all carrying the service's problem+json details when it sent them:
 
 EmaError                     anything this module raises
+├── ConfigurationError       a bad URL or API key: nothing was sent, nothing is retried
 ├── TransportError           no answer: the service is unreachable, or the connection dropped
 ├── ProtocolError            an answer this client does not understand
 ├── NotSupported             the service has no such endpoint (an older version)
@@ -80,6 +81,11 @@ M = TypeVar("M", bound=BaseModel)
 
 class EmaError(Exception):
     """Base of every error this client raises."""
+
+
+class ConfigurationError(EmaError, ValueError):
+    """The client's own settings are unusable (a URL that is not http(s)://host[:port], an API
+    key that cannot go in a header): no request was sent, and retrying cannot help."""
 
 
 class TransportError(EmaError):
@@ -223,6 +229,10 @@ class StreamConfig(_Reply):
     kind: str = "mean"
     initial: float | None = None
     auto_num_updates: bool = False
+    windows: list[dict[str, Any]] | None = None
+    late: str = "merge"
+    ttl: int | None = None
+    history: int = 0
 
 
 class State(_Reply):
@@ -242,10 +252,14 @@ class State(_Reply):
 
 
 class Page(_Reply):
-    """One page of stream names; follow `next_cursor` until it is None."""
+    """One page of stream names; follow `next_cursor` until it is None. With `states=True`,
+    also each listed stream's state, in the order of `streams`, and the service's `time` they
+    are as of (a rate stream's value is its rate then)."""
 
     streams: list[str]
     next_cursor: str | None = None
+    states: list[State] | None = None
+    time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -370,6 +384,7 @@ class _Attempts:
 
     def after_error(self, error: httpx.TransportError) -> float:
         """The wait before trying again after no answer; raises TransportError when done."""
+        _raise_if_unusable(error)
         if self._may_retry():
             return self.policy.delay(self.failures)
         # A request that never got a connection carried nothing: nothing can have been applied.
@@ -387,6 +402,30 @@ class _Attempts:
         if response.status_code not in self.policy.statuses or not self._may_retry():
             return None
         return self.policy.delay(self.failures, _retry_after(response))
+
+
+def _raise_if_unusable(error: Exception) -> None:
+    """A request httpx refused to send (an unsupported scheme, a header it cannot write) fails
+    the same way every time: say so at once rather than retry it."""
+    if isinstance(error, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
+        raise ConfigurationError(str(error)) from error
+
+
+def service_url(url: str) -> str:
+    """The service's base URL: `host:port` and `host` get http://; raises ConfigurationError
+    for anything but http(s)://host[:port][/path]."""
+    text = url.strip()
+    if "://" not in text:
+        text = f"http://{text}"
+    try:
+        parsed = httpx.URL(text)
+    except (httpx.InvalidURL, ValueError) as error:
+        raise ConfigurationError(f"invalid service URL {url!r}: {error}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigurationError(
+            f"invalid service URL {url!r}: give http://host:port, https://host or host:port"
+        )
+    return text.rstrip("/")
 
 
 def _describe(error: httpx.TransportError) -> str:
@@ -536,10 +575,12 @@ class _Calls:
         return _Call("POST", BULK_PATH, parse, body=body, retry=False, mutates=True)
 
     @staticmethod
-    def page(prefix: str, cursor: str | None, limit: int) -> _Call[Page]:
+    def page(prefix: str, cursor: str | None, limit: int, states: bool) -> _Call[Page]:
         params: dict[str, str | int] = {"prefix": prefix, "limit": limit}
         if cursor is not None:
             params["cursor"] = cursor
+        if states:
+            params["states"] = "true"
         return _Call("GET", "/v1/streams", _model(Page), params=params)
 
     @staticmethod
@@ -661,6 +702,8 @@ class _Resume:
     def dropped(self, error: Exception | None) -> float:
         """The wait before reconnecting after the connection ended (`error` None: the server
         closed it); raises when the error is final or the reconnections are used up."""
+        if error is not None:
+            _raise_if_unusable(error)
         if isinstance(error, ApiError) and error.status not in self.retry.statuses:
             raise error
         if isinstance(error, ProtocolError):
@@ -787,12 +830,14 @@ class _ClientBase:
         timeout: float,
         retry: Retry,
     ) -> None:
-        self.url = (url or os.environ.get(URL_VARIABLE) or DEFAULT_URL).rstrip("/")
+        self.url = service_url(url or os.environ.get(URL_VARIABLE) or DEFAULT_URL)
         self.retry = retry
         self.timeout = timeout
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE)
         self.headers = {"user-agent": f"ema-client/{__version__}", "accept": "application/json"}
         if api_key:
+            if not (api_key.isascii() and api_key.isprintable()) or " " in api_key:
+                raise ConfigurationError("the API key has characters a header cannot carry")
             self.headers["authorization"] = f"Bearer {api_key}"
         self._features: Features | None = None
 
@@ -908,9 +953,12 @@ class Client(_ClientBase):
         the bulk endpoint."""
         return self._run(_Calls.push_bulk(entries))
 
-    def list_page(self, prefix: str = "", *, cursor: str | None = None, limit: int = 100) -> Page:
-        """One page of names; pass its `next_cursor` back as `cursor` until it is None."""
-        return self._run(_Calls.page(prefix, cursor, limit))
+    def list_page(
+        self, prefix: str = "", *, cursor: str | None = None, limit: int = 100, states: bool = False
+    ) -> Page:
+        """One page of names; pass its `next_cursor` back as `cursor` until it is None.
+        `states=True` also returns each listed stream's state (in one request)."""
+        return self._run(_Calls.page(prefix, cursor, limit, states))
 
     def list_streams(self, prefix: str = "", *, page_size: int = 100) -> Iterator[str]:
         """Every stream name starting with `prefix`, once each, fetching pages as it goes."""
@@ -1048,10 +1096,11 @@ class AsyncClient(_ClientBase):
         return await self._run(_Calls.push_bulk(entries))
 
     async def list_page(
-        self, prefix: str = "", *, cursor: str | None = None, limit: int = 100
+        self, prefix: str = "", *, cursor: str | None = None, limit: int = 100, states: bool = False
     ) -> Page:
-        """One page of names; pass its `next_cursor` back as `cursor` until it is None."""
-        return await self._run(_Calls.page(prefix, cursor, limit))
+        """One page of names; pass its `next_cursor` back as `cursor` until it is None.
+        `states=True` also returns each listed stream's state (in one request)."""
+        return await self._run(_Calls.page(prefix, cursor, limit, states))
 
     async def list_streams(self, prefix: str = "", *, page_size: int = 100) -> AsyncIterator[str]:
         """Every stream name starting with `prefix`, once each, fetching pages as it goes."""
@@ -1113,6 +1162,7 @@ __all__ = [
     "AsyncSubscription",
     "BulkResult",
     "Client",
+    "ConfigurationError",
     "Conflict",
     "EmaError",
     "Event",
@@ -1135,4 +1185,5 @@ __all__ = [
     "Unauthorized",
     "Update",
     "error_for",
+    "service_url",
 ]
