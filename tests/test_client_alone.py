@@ -3,6 +3,7 @@ environment gets `pip install ./client` and pytest (from pip's cache), nothing o
 and runs the client's own suite (client/tests) against the real service."""
 
 import json
+import shutil
 import subprocess
 import sys
 import uuid
@@ -20,11 +21,15 @@ SERVER_PACKAGES = {"ema-service", "fastapi", "starlette", "uvicorn", "redis", "p
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("client-venv") / "venv"
+    where = tmp_path_factory.mktemp("client-venv")
+    folder = where / "venv"
+    # From a copy: setuptools writes build/ and *.egg-info into the folder it builds.
+    source = where / "client"
+    ignore = shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache")
+    shutil.copytree(ROOT / "client", source, ignore=ignore)
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=120)
     installed = subprocess.run(
-        [str(folder / "bin/python"), "-m", "pip", "install", "--quiet", "./client", "pytest"],
-        cwd=ROOT,
+        [str(folder / "bin/python"), "-m", "pip", "install", "--quiet", str(source), "pytest"],
         capture_output=True,
         text=True,
         timeout=300,
