@@ -26,13 +26,16 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from app.keys import NAME_PATTERN
 from app.main import HiredisPackedConnection
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
-_PUSH: Final = re.compile(r"/v1/streams/([A-Za-z0-9_.:\-]{1,200})/values")
-_STREAM: Final = re.compile(r"/v1/streams/([A-Za-z0-9_.:\-]{1,200})")
+# The service's own name rule, so that the floor routes exactly the names the service does.
+_NAME: Final = NAME_PATTERN.removeprefix("^").removesuffix("$")
+_PUSH: Final = re.compile(rf"/v1/streams/({_NAME})/values")
+_STREAM: Final = re.compile(rf"/v1/streams/({_NAME})")
 _HEADERS: Final = [(b"content-type", b"application/json")]
 
 

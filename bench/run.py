@@ -15,31 +15,36 @@ See bench/README.md.
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import platform
-import shlex
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from capture import PushCall, Template, push_call, read_template, watch
-from loadgen import RedisBenchmark, Result, WrkLoad, missing_tools
+from harness import (
+    ROOT,
+    Rounds,
+    app_version,
+    header_lines,
+    load_line,
+    markdown_table,
+    progress,
+    redis_version,
+    start_service,
+)
+from harness import main as run_bench
+from loadgen import RedisBenchmark, Result, WrkLoad
 from servers import BenchError, Group, HttpServer, RedisServer, stop_all
 from subscribers import SubscriberFigures
 from subscribers import measure as measure_subscribers
 
-ROOT = Path(__file__).resolve().parent.parent
 PUSH_LUA = ROOT / "app" / "lua" / "push.lua"
 STREAMS = 16  # stream names s000000000000.. s000000000015, as redis-benchmark's -r 16 makes them
 RANDOM_NAME = "s__rand_int__"  # what redis-benchmark -r turns into those names
@@ -120,7 +125,7 @@ TARGETS = (SERVICE, NO_FAST_PATH, FLOOR, CEILING)
 
 
 @dataclass
-class Figure:
+class Figure(Rounds):
     """One figure of the table: every round of one target on one workload."""
 
     target: str
@@ -135,16 +140,6 @@ class Figure:
     def rates(self) -> list[float]:
         """Per round: requests/s, or values/s for batches."""
         return [r.calls_per_second * max(self.workload.batch, 1) for r in self.results]
-
-    @property
-    def throughput(self) -> float:
-        return statistics.median(self.rates())
-
-    @property
-    def spread(self) -> float:
-        """Half the range of the rounds, relative to the median."""
-        rates = self.rates()
-        return (max(rates) - min(rates)) / 2 / self.throughput
 
     def per_call_us(self, cpu_seconds: float) -> float:
         return cpu_seconds * 1e6 / max(sum(r.calls for r in self.results), 1)
@@ -242,10 +237,12 @@ class Bench:
                 )
 
     def _http_server(self, target: str) -> HttpServer:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EMA_") and k != "REDIS_URL"}
-        env |= {"REDIS_URL": self.redis.url, "PYTHONUNBUFFERED": "1"}
+        log = f"server-{len(self.servers)}.log"
         if target == FLOOR:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("EMA_", "REDIS_"))}
             env |= {
+                "REDIS_URL": self.redis.url,
+                "PYTHONUNBUFFERED": "1",
                 "BENCH_NAME": self.push_call.head.name,
                 "BENCH_PUSH": json.dumps(self.push_call.head.argv),
                 "BENCH_PER_VALUE": json.dumps(self.push_call.per_value),
@@ -256,16 +253,13 @@ class Bench:
                 "--host", "127.0.0.1", "--port", "{port}", "--workers", str(self.workers),
                 "--no-access-log", "--log-level", "info",
             ]  # fmt: skip
+            server = HttpServer(target, argv, env, ROOT, self.workdir / log)
         else:
-            argv = [sys.executable, "-m", "app"]
-            env |= {
-                "EMA_HOST": "127.0.0.1",
-                "EMA_PORT": "{port}",
-                "EMA_WORKERS": str(self.workers),
-                "EMA_FAST_PATH": "false" if target == NO_FAST_PATH else "true",
-            }
-        log = self.workdir / f"server-{len(self.servers)}.log"
-        self.servers[target] = server = HttpServer(target, argv, env, ROOT, log)
+            fast_path = "false" if target == NO_FAST_PATH else "true"
+            server = start_service(
+                self.redis, self.workdir, name=target, log=log, env={"EMA_FAST_PATH": fast_path}
+            )
+        self.servers[target] = server
         return server
 
     # --- state ----------------------------------------------------------------------------------
@@ -497,7 +491,7 @@ def find(figures: list[Figure], target: str, workload: Workload) -> Figure | Non
 
 
 def table(figures: list[Figure]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * (len(COLUMNS) - 2)]
+    rows = []
 
     def order(figure: Figure) -> tuple[int, int, int]:
         return TARGETS.index(figure.target), WORKLOADS.index(figure.workload), figure.pipeline
@@ -529,8 +523,8 @@ def table(figures: list[Figure]) -> str:
             f"{figure.per_call_us(figure.redis_cpu):,.1f}",
             str(sum(r.errors for r in figure.results)),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(COLUMNS, rows, "ll" + "r" * (len(COLUMNS) - 2))
 
 
 # --- the streams of each kind ------------------------------------------------------------------
@@ -571,10 +565,7 @@ def cost_us(figure: Figure) -> float:
 
 
 def streams_table(figures: Sequence[Figure]) -> str:
-    lines = [
-        "| " + " | ".join(STREAM_COLUMNS) + " |",
-        "|---|---|---|" + "---:|" * (len(STREAM_COLUMNS) - 3),
-    ]
+    rows = []
 
     def order(figure: Figure) -> tuple[int, int, int, int]:
         group = next(i for i, group in enumerate(STREAM_GROUPS) if figure.workload in group)
@@ -609,8 +600,8 @@ def streams_table(figures: Sequence[Figure]) -> str:
             by_cpu,
             str(sum(r.errors for r in figure.results)),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(STREAM_COLUMNS, rows, "lll" + "r" * (len(STREAM_COLUMNS) - 3))
 
 
 def streams_summary(figures: Sequence[Figure]) -> str:
@@ -658,17 +649,13 @@ def streams_report(bench: Bench) -> str:
     )
 
 
-def preamble(bench: Bench, started: float, load_before: str) -> str:
+def preamble(bench: Bench) -> str:
     args, workers = bench.args, bench.workers
-    redis_version = subprocess.run(
-        ["redis-server", "--version"], capture_output=True, text=True, check=False
-    ).stdout.split()[2:3]
     return "\n".join(
         [
-            f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
-            f"- command: `{shlex.join(['.venv/bin/python', 'bench/run.py', *sys.argv[1:]])}`",
+            *header_lines("run.py"),
             f"- nproc: {workers} (uvicorn workers per server: {workers}); "
-            f"Python {platform.python_version()}; redis-server {''.join(redis_version)}",
+            f"Python {platform.python_version()}; redis-server {redis_version()}",
             f"- app measured: commit {bench.version}",
             f"- {args.rounds} interleaved round(s) of {args.duration}s per figure, after "
             f"{args.warmup}s of warmup (at least 1s for a server's first figure); "
@@ -677,35 +664,9 @@ def preamble(bench: Bench, started: float, load_before: str) -> str:
             "- the service's push as sent to Redis (seen by MONITOR), replayed by the floor and "
             f"redis-benchmark: `{bench.push_call.show()}`; "
             f"its GET: `{bench.read_call.show()}`",
-            f"- load average before / after: {load_before} / {loadavg()}; "
-            f"run took {time.monotonic() - started:.0f}s",
+            load_line(),
         ]
     )
-
-
-def app_version() -> str:
-    """The commit the service runs, and whether app/ differs from it (others may be editing)."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("log", "-1", "--format=%h (%ci)")
-    if not commit:
-        return "unknown (not a git checkout)"
-    dirty = git("status", "--porcelain", "app")
-    return commit + (" + uncommitted changes to app/" if dirty else "")
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-_STARTED = time.monotonic()
-
-
-def progress(message: str) -> None:
-    print(f"[bench {time.monotonic() - _STARTED:5.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -762,68 +723,38 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def signals_exit() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C does, so that every child is stopped."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def main() -> int:
     args = parse_args()
-    if problems := missing_tools():
-        print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr)
-        return 2
-    started, load_before = time.monotonic(), loadavg()
-    try:
-        with (
-            signals_exit(),
-            tempfile.TemporaryDirectory(prefix="ema-bench-") as tmp,
-            contextlib.ExitStack() as stack,
-        ):
-            bench = Bench(args, Path(tmp), stack)
-            if not (args.subscribers_only or args.streams_only):
-                bench.run()
-            if args.streams:
-                bench.run_streams()
-            subscribed = None
-            if args.subscribers > 0 and not args.streams_only:
-                subscribed = subscriber_figures(bench)
-            progress("done; stopping the servers")
-        print(preamble(bench, started, load_before))
-        if bench.figures:
-            print()
-            print(table(bench.figures))
-        if bench.stream_figures:
-            print()
-            print(streams_report(bench))
-        if subscribed is not None:
-            print()
-            print(
-                f"Pushes of 1 value (wrk -c{args.connections}) to the {STREAMS} streams, with "
-                f"{args.subscribers} event streams open on them (bench/subscribers.py) and with "
-                f"none, in {args.rounds} interleaved round(s) of {args.duration}s:"
-            )
-            print()
-            print(subscribed.table())
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; every child process was stopped", file=sys.stderr)
-        return 130
-    except SystemExit:
-        print("terminated by a signal; every child process was stopped", file=sys.stderr)
-        raise
-    return 0
+
+    def measure(workdir: Path, stack: contextlib.ExitStack) -> Callable[[], str]:
+        bench = Bench(args, workdir, stack)
+        if not (args.subscribers_only or args.streams_only):
+            bench.run()
+        if args.streams:
+            bench.run_streams()
+        subscribed = None
+        if args.subscribers > 0 and not args.streams_only:
+            subscribed = subscriber_figures(bench)
+        return lambda: report(bench, subscribed)
+
+    return run_bench("bench", measure)
+
+
+def report(bench: Bench, subscribed: SubscriberFigures | None) -> str:
+    args = bench.args
+    parts = [preamble(bench)]
+    if bench.figures:
+        parts.append(table(bench.figures))
+    if bench.stream_figures:
+        parts.append(streams_report(bench))
+    if subscribed is not None:
+        parts.append(
+            f"Pushes of 1 value (wrk -c{args.connections}) to the {STREAMS} streams, with "
+            f"{args.subscribers} event streams open on them (bench/subscribers.py) and with "
+            f"none, in {args.rounds} interleaved round(s) of {args.duration}s:"
+        )
+        parts.append(subscribed.table())
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -15,29 +15,32 @@ bench/README.md.
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
-import platform
-import shlex
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from alternatives import HotKeyResult, hot_key, lua, naive, optimistic
 from capture import PushCall, push_call, watch
-from loadgen import RedisBenchmark, Result, WrkLoad, missing_tools
-from servers import BenchError, HttpServer, RedisServer
+from harness import (
+    Rounds,
+    app_version,
+    header_lines,
+    load_line,
+    machine,
+    markdown_table,
+    progress,
+    start_service,
+)
+from harness import main as run_bench
+from loadgen import RedisBenchmark, Result, WrkLoad
+from servers import BenchError, RedisServer
 
-ROOT = Path(__file__).resolve().parent.parent
 STREAMS = 16  # single pushes cycle over s000000000000 .. s000000000015
 # Bulk pushes: (entries, values per entry), over the streams b000000000000, b000000000001, ...
 BULKS = ((1000, 1), (100, 10))
@@ -52,7 +55,7 @@ def stream_name(index: int, prefix: str = "s") -> str:
 
 
 @dataclass
-class Figure:
+class Figure(Rounds):
     """One row: its measurements over the rounds (median reported)."""
 
     label: str
@@ -68,15 +71,6 @@ class Figure:
         if self.hot:
             return [r.per_second for r in self.hot]
         return [r.calls_per_second * self.per_call for r in self.results]
-
-    @property
-    def throughput(self) -> float:
-        return statistics.median(self.rates())
-
-    @property
-    def spread(self) -> float:
-        rates = self.rates()
-        return (max(rates) - min(rates)) / 2 / self.throughput if self.throughput else 0.0
 
     @property
     def p50(self) -> float:
@@ -104,16 +98,7 @@ class Bench:
         self.redis = RedisServer(workdir)
         stack.callback(self.redis.stop)
         self.redis.wait_ready()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EMA_", "REDIS_"))}
-        env |= {
-            "REDIS_URL": self.redis.url,
-            "PYTHONUNBUFFERED": "1",
-            "EMA_HOST": "127.0.0.1",
-            "EMA_PORT": "{port}",
-            "EMA_WORKERS": str(self.workers),
-        }
-        argv = [sys.executable, "-m", "app"]
-        self.service = HttpServer("service", argv, env, ROOT, workdir / "service.log")
+        self.service = start_service(self.redis, workdir)
         stack.callback(self.service.stop)
         self.service.wait_ready()
         self.push = self._capture()
@@ -360,11 +345,9 @@ def post(url: str, path: str, body: object, method: str = "POST") -> dict[str, o
 
 
 def table(figures: list[Figure]) -> str:
-    rows = [
-        "| figure | throughput (median) | ± | p50 ms | p99 ms | ÷ ceiling "
-        f"| ÷ ceiling -P {PIPELINE} | notes |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    columns = ["figure", "throughput (median)", "±", "p50 ms", "p99 ms", "÷ ceiling"]
+    columns += [f"÷ ceiling -P {PIPELINE}", "notes"]
+    rows = []
     for figure in figures:
         ratio = ratio_piped = ""
         if figure.ceilings:
@@ -375,51 +358,25 @@ def table(figures: list[Figure]) -> str:
         if figure.errors:
             notes = f"{figure.errors} errors; " + notes
         rows.append(
-            f"| {figure.label} | {figure.throughput:,.0f} {figure.unit} | {figure.spread:.0%} "
-            f"| {figure.p50:.2f} | {figure.p99:.2f} | {ratio} | {ratio_piped} | {notes} |"
+            [
+                figure.label,
+                f"{figure.throughput:,.0f} {figure.unit}",
+                f"{figure.spread:.0%}",
+                f"{figure.p50:.2f}",
+                f"{figure.p99:.2f}",
+                ratio,
+                ratio_piped,
+                notes,
+            ]
         )
-    return "\n".join(rows)
+    return markdown_table(columns, rows, "lrrrrrrl")
 
 
-def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    memory = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        memory = f", {kib / 2**20:.0f} GiB RAM"
-    redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
-    version = next((p for p in redis.split() if p.startswith("v=")), "v=?")[2:]
-    return (
-        f"{len(os.sched_getaffinity(0))} cores ({model or platform.machine()}){memory}, "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-        f"redis-server {version}"
-    )
-
-
-def app_version() -> str:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("log", "-1", "--format=%h (%ci)") or "unknown"
-    return commit + (
-        " + uncommitted changes to app/" if git("status", "--porcelain", "app") else ""
-    )
-
-
-def report(bench: Bench, parts: dict[str, list[Figure]], started: float, load: str) -> str:
+def report(bench: Bench, parts: dict[str, list[Figure]]) -> str:
     args = bench.args
     memory = bench.memory
     lines = [
-        "- date: " + datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "- command: `"
-        + " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/scale.py", *sys.argv[1:]])
-        + "`",
+        *header_lines("scale.py"),
         f"- machine: {machine()}",
         f"- app: commit {app_version()}; {bench.workers} uvicorn worker(s); redis-server with "
         "persistence off",
@@ -428,8 +385,7 @@ def report(bench: Bench, parts: dict[str, list[Figure]], started: float, load: s
         f"-c {args.connections}; hot key: {args.clients} asyncio clients (redis-py) in one "
         "process",
         f"- the push replayed by redis-benchmark (seen by MONITOR): `{bench.push.show()}`",
-        f"- load average before / after: {load} / {loadavg()}; run took "
-        f"{time.monotonic() - started:.0f}s",
+        load_line(),
         "",
         table([f for figures in parts.values() for f in figures]),
         "",
@@ -443,32 +399,6 @@ def report(bench: Bench, parts: dict[str, list[Figure]], started: float, load: s
         f"{memory['sample_payload']} bytes of names and values: `{memory['sample_fields']}`.",
     ]
     return "\n".join(lines)
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-_STARTED = time.monotonic()
-
-
-def progress(message: str) -> None:
-    print(f"[scale {time.monotonic() - _STARTED:5.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def signals_exit() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C does, so that every child is stopped."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def parse_args() -> argparse.Namespace:
@@ -494,31 +424,17 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if problems := missing_tools():
-        print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr)
-        return 2
-    started, load = time.monotonic(), loadavg()
-    try:
-        with (
-            signals_exit(),
-            tempfile.TemporaryDirectory(prefix="ema-scale-") as tmp,
-            contextlib.ExitStack() as stack,
-        ):
-            bench = Bench(args, Path(tmp), stack)
-            parts = {
-                "ceiling": bench.service_against_ceiling(),
-                "hot": bench.hot_key(),
-                "million": bench.million(),
-            }
-            progress("done; stopping the servers")
-        print(report(bench, parts, started, load))
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; every child process was stopped", file=sys.stderr)
-        return 130
-    return 0
+
+    def measure(workdir: Path, stack: contextlib.ExitStack) -> Callable[[], str]:
+        bench = Bench(args, workdir, stack)
+        parts = {
+            "ceiling": bench.service_against_ceiling(),
+            "hot": bench.hot_key(),
+            "million": bench.million(),
+        }
+        return lambda: report(bench, parts)
+
+    return run_bench("scale", measure)
 
 
 if __name__ == "__main__":
