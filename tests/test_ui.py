@@ -263,6 +263,12 @@ def test_overview_and_detail_of_every_kind_in_a_real_browser(service: ServicePro
                 assert numbers.locator(f'[data-window="{window}"]').inner_text() == expected
             page.wait_for_function("document.querySelector('#detail').dataset.points === '10'")
             assert detail.get_attribute("data-gaps") == "1"
+            # All of its history (its samples span 604 s); then the last 5 minutes only.
+            assert detail.get_attribute("data-span") == "604"
+            page.click('button[data-range="300"]')
+            page.wait_for_function("document.querySelector('#detail').dataset.span === '300'")
+            assert page.locator('button[data-range="300"]').get_attribute("aria-pressed") == "true"
+            page.click('button[data-range="all"]')
             screenshot(page, "detail-halflife")
 
             # The rate: events per second on their own axis, falling while idle.

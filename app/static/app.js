@@ -620,6 +620,14 @@
           series,
           bands,
           legend: { live: true },
+          hooks: {
+            setScale: [
+              (u, key) => {
+                // The time range shown, in seconds (for tests and curious readers).
+                if (key === "x") this.root.dataset.span = String(Math.round(u.scales.x.max - u.scales.x.min));
+              },
+            ],
+          },
         },
         this.data,
         $("#chart"),
@@ -722,6 +730,7 @@
         const values = this.data[2];
         this.root.dataset.points = String(this.data[1].filter((v) => v !== null).length);
         this.root.dataset.gaps = String(values.filter((v) => v === null).length);
+
       });
     }
 
