@@ -5,24 +5,29 @@ Docker is not needed: the files are parsed (YAML, JSON) and the PromQL expressio
 small tokenizer below, which only needs to find metric names.
 """
 
-import json
 import re
 from collections.abc import Iterator
-from functools import cache
-from pathlib import Path, PurePosixPath
-from typing import Any
 
 import httpx
 import pytest
 import redis
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.redis_server import RedisServer
-from tests.utils import make_settings, serve
+from tests.utils import (
+    ROOT,
+    container_file,
+    dashboards,
+    make_settings,
+    mounts,
+    panels,
+    prometheus_config,
+    provisioning,
+    rules,
+    serve,
+    service,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
 MONITORING = ("prometheus", "grafana")
 
 # Series each metric type puts in the text format, after the family's name.
@@ -63,45 +68,6 @@ def exposed(redis_server: RedisServer) -> dict[str, str]:
         for sample in family.samples:
             names[sample.name] = owner
     return names
-
-
-@cache
-def compose() -> dict[str, Any]:
-    document = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    assert isinstance(document, dict)
-    return document
-
-
-def service(name: str) -> dict[str, Any]:
-    found = compose()["services"].get(name)
-    assert isinstance(found, dict), f"docker-compose.yml has no {name!r} service"
-    return found
-
-
-def mounts(name: str) -> dict[str, str]:
-    """Bind mounts of a service: container path -> repository path (short syntax)."""
-    found = {}
-    for volume in service(name).get("volumes") or []:
-        source, target, *_ = str(volume).split(":")
-        if source.startswith("./"):
-            found[target] = source.removeprefix("./")
-    return found
-
-
-def container_file(name: str, path: str) -> Path:
-    """The repository file that a service sees at `path`, through its bind mounts."""
-    for target, source in mounts(name).items():
-        inside = PurePosixPath(path)
-        if inside == PurePosixPath(target) or PurePosixPath(target) in inside.parents:
-            return ROOT / source / inside.relative_to(target)
-    raise AssertionError(f"{name} sees nothing at {path}")
-
-
-def flag(name: str, option: str) -> str:
-    for word in service(name).get("command") or []:
-        if str(word).startswith(f"{option}="):
-            return str(word).split("=", 1)[1]
-    raise AssertionError(f"{name} has no {option}")
 
 
 # --- PromQL -----------------------------------------------------------------------------------
@@ -163,14 +129,6 @@ def test_monitoring_services_run_only_in_their_profile_with_pinned_images() -> N
         assert (ROOT / source).exists(), f"{source} (mounted at {target}) is missing"
 
 
-@cache
-def prometheus_config() -> dict[str, Any]:
-    path = container_file("prometheus", flag("prometheus", "--config.file"))
-    config = yaml.safe_load(path.read_text())
-    assert isinstance(config, dict)
-    return config
-
-
 @pytest.mark.anyio
 async def test_prometheus_scrapes_the_app_where_it_serves_metrics(
     redis_server: RedisServer, redis_client: "redis.Redis"
@@ -193,13 +151,6 @@ async def test_prometheus_scrapes_the_app_where_it_serves_metrics(
         response = await client.get(path)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-
-
-def rules() -> Iterator[dict[str, Any]]:
-    for rule_file in prometheus_config().get("rule_files", []):
-        document = yaml.safe_load(container_file("prometheus", rule_file).read_text())
-        for group in document["groups"]:
-            yield from group["rules"]
 
 
 def rule_expressions() -> Iterator[tuple[str, str]]:
@@ -242,24 +193,6 @@ def test_every_alert_says_what_and_where_its_runbook_is() -> None:
 # --- Grafana ----------------------------------------------------------------------------------
 
 
-def provisioning(kind: str) -> list[dict[str, Any]]:
-    folder = container_file("grafana", f"/etc/grafana/provisioning/{kind}")
-    documents = [yaml.safe_load(path.read_text()) for path in sorted(folder.glob("*.y*ml"))]
-    assert documents, f"no {kind} provisioned"
-    return documents
-
-
-def dashboards() -> dict[str, dict[str, Any]]:
-    found = {}
-    for document in provisioning("dashboards"):
-        for provider in document["providers"]:
-            folder = container_file("grafana", provider["options"]["path"])
-            for path in sorted(folder.glob("*.json")):
-                found[path.name] = json.loads(path.read_text())
-    assert found, "no dashboard JSON where the providers look"
-    return found
-
-
 def test_grafana_reads_the_prometheus_of_the_profile() -> None:
     sources = [source for doc in provisioning("datasources") for source in doc["datasources"]]
     assert [s["type"] for s in sources] == ["prometheus"]
@@ -269,12 +202,6 @@ def test_grafana_reads_the_prometheus_of_the_profile() -> None:
     assert url.port == int(listen)
     home = service("grafana")["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert container_file("grafana", home).name in dashboards()
-
-
-def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for panel in dashboard["panels"]:
-        yield panel
-        yield from panel.get("panels", [])
 
 
 def test_dashboard_shows_every_family_and_nothing_the_service_lacks(

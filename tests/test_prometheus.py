@@ -21,7 +21,7 @@ import yaml
 from app.auth import write_compose_keys
 from tests.redis_server import RedisServer, free_port
 from tests.service import ServiceProcess
-from tests.test_monitoring import dashboards, panels, rules
+from tests.utils import dashboards, panels, rules
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

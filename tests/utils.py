@@ -1,6 +1,7 @@
 """What several test modules share, in one place: the backends a test runs on, settings and
 the app served in-process, snapshots of Redis, what the service offers, a proxy that drops
-connections, a reader of event streams, and the check that a run leaves no process behind.
+connections, a reader of event streams, the deployment files (compose, Prometheus, Grafana) and
+the check that a run leaves no process behind.
 
 Fixtures live in tests/conftest.py; processes are started by tests/service.py (the service)
 and tests/redis_server.py (redis-server, a local Redis Cluster)."""
@@ -13,11 +14,14 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import httpx
 import pytest
 import redis
+import yaml
 from ema_client import Features, Retry
 
 from app.main import create_app
@@ -219,6 +223,89 @@ def subscribe(url: str, headers: dict[str, str] | None = None) -> Iterator[Event
         reader = EventReader(response)
         reader.wait_subscribed()
         yield reader
+
+
+# --- the deployment files, as docker-compose.yml mounts them ----------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@cache
+def compose() -> dict[str, Any]:
+    document = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def service(name: str) -> dict[str, Any]:
+    found = compose()["services"].get(name)
+    assert isinstance(found, dict), f"docker-compose.yml has no {name!r} service"
+    return found
+
+
+def mounts(name: str) -> dict[str, str]:
+    """Bind mounts of a service: container path -> repository path (short syntax)."""
+    found = {}
+    for volume in service(name).get("volumes") or []:
+        source, target, *_ = str(volume).split(":")
+        if source.startswith("./"):
+            found[target] = source.removeprefix("./")
+    return found
+
+
+def container_file(name: str, path: str) -> Path:
+    """The repository file that a service sees at `path`, through its bind mounts."""
+    for target, source in mounts(name).items():
+        inside = PurePosixPath(path)
+        if inside == PurePosixPath(target) or PurePosixPath(target) in inside.parents:
+            return ROOT / source / inside.relative_to(target)
+    raise AssertionError(f"{name} sees nothing at {path}")
+
+
+def flag(name: str, option: str) -> str:
+    for word in service(name).get("command") or []:
+        if str(word).startswith(f"{option}="):
+            return str(word).split("=", 1)[1]
+    raise AssertionError(f"{name} has no {option}")
+
+
+@cache
+def prometheus_config() -> dict[str, Any]:
+    path = container_file("prometheus", flag("prometheus", "--config.file"))
+    config = yaml.safe_load(path.read_text())
+    assert isinstance(config, dict)
+    return config
+
+
+def rules() -> Iterator[dict[str, Any]]:
+    for rule_file in prometheus_config().get("rule_files", []):
+        document = yaml.safe_load(container_file("prometheus", rule_file).read_text())
+        for group in document["groups"]:
+            yield from group["rules"]
+
+
+def provisioning(kind: str) -> list[dict[str, Any]]:
+    folder = container_file("grafana", f"/etc/grafana/provisioning/{kind}")
+    documents = [yaml.safe_load(path.read_text()) for path in sorted(folder.glob("*.y*ml"))]
+    assert documents, f"no {kind} provisioned"
+    return documents
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    found = {}
+    for document in provisioning("dashboards"):
+        for provider in document["providers"]:
+            folder = container_file("grafana", provider["options"]["path"])
+            for path in sorted(folder.glob("*.json")):
+                found[path.name] = json.loads(path.read_text())
+    assert found, "no dashboard JSON where the providers look"
+    return found
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
 
 
 # --- processes that outlive the run -------------------------------------------------------------
