@@ -120,11 +120,10 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    @contextlib.asynccontextmanager
-    async def subscribe(
-        self, *, name: str | None = None, prefix: str | None = None
-    ) -> AsyncIterator[Subscription]:
-        """Subscribe to one stream, or to every stream whose name starts with `prefix`."""
+    def open(self, *, name: str | None = None, prefix: str | None = None) -> Subscription:
+        """Subscribe to one stream, or to every stream whose name starts with `prefix`, now:
+        a full hub raises SubscriptionLimit here, before a response has started. End it with
+        `release`."""
         if self.full:
             raise SubscriptionLimit
         if name is not None:
@@ -132,18 +131,31 @@ class EventHub:
         else:
             pattern = self._layout.channel_pattern(prefix or "")
             subscription = Subscription(pattern, True, self._queue_size)
-        subscribers = self._subscribers.setdefault(subscription.topic, set())
-        subscribers.add(subscription)
+        self._subscribers.setdefault(subscription.topic, set()).add(subscription)
         if subscription.topic in self._confirmed:
             subscription.ready.set()
         self._changed.set()
+        return subscription
+
+    def release(self, subscription: Subscription) -> None:
+        subscribers = self._subscribers.get(subscription.topic)
+        if subscribers is None or subscription not in subscribers:
+            return
+        subscribers.discard(subscription)
+        if not subscribers:
+            del self._subscribers[subscription.topic]
+        self._changed.set()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, *, name: str | None = None, prefix: str | None = None
+    ) -> AsyncIterator[Subscription]:
+        """`open` and `release` around a block."""
+        subscription = self.open(name=name, prefix=prefix)
         try:
             yield subscription
         finally:
-            subscribers.discard(subscription)
-            if not subscribers:
-                del self._subscribers[subscription.topic]
-            self._changed.set()
+            self.release(subscription)
 
     async def _run(self) -> None:
         subscribed: set[str] = set()

@@ -358,7 +358,11 @@ class HistoryEntry(BaseModel):
     """One applied value: its update's id (the stream's count after it), time, raw and smoothed."""
 
     id: int = Field(description="The stream's count after this value.", examples=[41])
-    time: float = Field(description="Redis server time, Unix seconds.", examples=[1764072000.5])
+    time: float = Field(
+        description="The sample's time, Unix seconds: its timestamp, or the Redis server time "
+        "it arrived at when it had none (the state's `timestamp`, not its `updated_at`).",
+        examples=[1764072000.5],
+    )
     raw: float = Field(description="The value pushed.", examples=[10.0])
     value: float = Field(description="The shadow after this value.", examples=[4.555])
 

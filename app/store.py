@@ -19,7 +19,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 
-from app.codec import config_fields, number, state_from_fields
+from app.codec import config_fields, encode_fields, number, state_from_fields
 from app.errors import InvalidInput, LateSample, ServiceError, StoreUnavailable, StreamNotFound
 from app.keys import NAME_PATTERN, KeyLayout
 from app.models import HistoryEntry, HistoryPage, StreamConfig, StreamPage, StreamState, Triple
@@ -181,6 +181,10 @@ class StreamStore:
             pipe.hset(key, mapping=fields)
             if config.ttl is not None:
                 pipe.expire(key, config.ttl)
+            if self._announce:
+                # Subscribers learn that the state started over: an update of count 0, after
+                # which counts (the events' ids) start again from 1.
+                _queue_publish(pipe, key, self._layout.channel(name), encode_fields(fields))
             _queue_time(pipe, key)
             existed, *_, now = await pipe.execute()
         return state_from_fields(name, fields, _seconds(now)), not existed
@@ -507,6 +511,17 @@ def _queue_time(pipe: "Pipeline | ClusterPipeline", key: str) -> None:
         pipe.execute_command("EVAL", "return redis.call('TIME')", 1, key)
     else:
         pipe.time()
+
+
+def _queue_publish(pipe: "Pipeline | ClusterPipeline", key: str, channel: str, text: str) -> None:
+    """Queue a PUBLISH. A cluster pipeline refuses PUBLISH, which has no key: there a script
+    run on the node of `key` publishes (a classic PUBLISH reaches every node anyway)."""
+    if isinstance(pipe, ClusterPipeline):
+        pipe.execute_command(
+            "EVAL", "return redis.call('PUBLISH', ARGV[1], ARGV[2])", 1, key, channel, text
+        )
+    else:
+        pipe.publish(channel, text)
 
 
 def _seconds(time_reply: Sequence[str | int]) -> float:

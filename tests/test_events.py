@@ -7,9 +7,15 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from redis import asyncio as aioredis
+from starlette.requests import ClientDisconnect
+from starlette.types import Message
 
-from app.events import Lagged, Subscription, Update
+from app.errors import StoreUnavailable
+from app.events import EventHub, Lagged, Subscription, Update
+from app.keys import KeyLayout
 from app.models import StreamConfig, StreamState
+from app.routes.events import _stream
 from tests.redis_server import RedisServer
 from tests.reference import ReferenceEma
 from tests.service import ServiceProcess
@@ -145,3 +151,82 @@ def test_slow_subscriber_is_told_how_many_updates_it_lost() -> None:
     subscription.offer(state(9))
     subscription.offer(state(10))
     assert subscription.updates.get_nowait() == Lagged(None)
+
+
+def test_put_resets_a_resumed_subscription(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    first, second = replicas
+    url = f"{second.url}/v1/streams/r"
+    httpx.put(url, json={"decay": 0.5, "history": 100})
+    httpx.post(f"{url}/values", json={"values": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    with subscribe(f"{first.url}/v1/streams/r/events", {"Last-Event-ID": "2"}) as events:
+        assert [events.next()[1] for _ in range(3)] == ["3", "4", "5"]
+        httpx.put(url, json={"decay": 0.5, "history": 100})
+        kind, event_id, data = events.next()
+        assert (kind, event_id, data["count"], data["value"]) == ("update", "0", 0, None)
+        # The counts start over: 1 and 2 were replayed before the reset, and are new now.
+        httpx.post(f"{url}/values", json={"value": 7.0})
+        httpx.post(f"{url}/values", json={"value": 8.0})
+        assert [(e[1], e[2]["last"]) for e in (events.next(), events.next())] == [
+            ("1", 7.0),
+            ("2", 8.0),
+        ]
+    # Resuming from an id of the stream before its reset replays all of the new one.
+    with subscribe(f"{first.url}/v1/streams/r/events", {"Last-Event-ID": "5"}) as events:
+        assert [(e[1], e[2]["last"]) for e in (events.next(), events.next())] == [
+            ("1", 7.0),
+            ("2", 8.0),
+        ]
+
+
+def test_replayed_events_carry_the_sample_time_as_the_history_does(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    first, _ = replicas
+    url = f"{first.url}/v1/streams/t"
+    httpx.put(url, json={"halflife": 10, "history": 10})
+    live = httpx.post(f"{url}/values", json={"value": 2.0, "timestamp": 1000.25}).json()
+    assert live["timestamp"] == 1000.25
+    assert live["updated_at"] > 1_700_000_000  # the server's clock, not the sample's
+    [entry] = httpx.get(f"{url}/history").json()["entries"]
+    assert entry["time"] == 1000.25
+    with subscribe(f"{url}/events", {"Last-Event-ID": "0"}) as events:
+        kind, event_id, data = events.next()
+    assert (kind, event_id) == ("update", "1")
+    assert data == {
+        "name": "t",
+        "count": 1,
+        "value": live["value"],
+        "last": 2.0,
+        "timestamp": 1000.25,
+        "replayed": True,
+    }
+
+
+@pytest.mark.anyio
+async def test_the_subscription_cap_is_a_503_before_the_response_starts(
+    redis_server: RedisServer,
+) -> None:
+    # Two requests' handlers run before either's body starts: the second must be refused by
+    # its handler (a 503), not find the hub full once its 200 is sent.
+    client = aioredis.Redis.from_url(redis_server.url)
+    hub = EventHub(client, KeyLayout("test:"), queue_size=10, max_subscriptions=1)
+    try:
+        first = _stream(hub, 1.0, name="a")
+        with pytest.raises(StoreUnavailable, match="subscription limit"):
+            _stream(hub, 1.0, name="b")
+        assert hub.count == 1
+        with pytest.raises(ClientDisconnect):
+            await first({"type": "http", "asgi": {"spec_version": "2.4"}}, _never, _closed)
+        assert hub.count == 0  # released when its response ended
+    finally:
+        await client.aclose()
+
+
+async def _never() -> Message:
+    raise AssertionError("not read")
+
+
+async def _closed(message: Message) -> None:
+    raise OSError("the client went away")

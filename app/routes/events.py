@@ -7,10 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from app.deps import HubDep, SettingsDep, StoreDep, StreamName
 from app.errors import StoreUnavailable, StreamNotFound, problem_responses
-from app.events import EventHub, Lagged, Subscription, Update
+from app.events import EventHub, Lagged, Subscription, SubscriptionLimit, Update
 from app.keys import NAME_MAX_LENGTH
 from app.models import MAX_COUNT
 from app.store import StreamStore
@@ -34,11 +35,17 @@ def _lagged(missed: int | None) -> str:
 
 
 async def _replay(store: StreamStore, name: str, after: int) -> AsyncIterator[tuple[str, int]]:
-    """What a client that saw event `after` missed, from the history: (text, last id)."""
+    """What a client that saw event `after` missed, from the history: (text, last id).
+
+    The history keeps each value's count, main value, raw value and sample time, not the whole
+    state: a replayed event carries those (`timestamp` is the sample's time), marked
+    `replayed`."""
     try:
         current = (await store.get(name)).count
     except StreamNotFound:
         return
+    if current < after:  # the stream was reset (PUT) since: all of its new counts were missed
+        after = 0
     if current <= after:
         return
     since = after
@@ -51,10 +58,11 @@ async def _replay(store: StreamStore, name: str, after: int) -> AsyncIterator[tu
         for entry in page.entries:
             data = {
                 "name": name,
+                "count": entry.id,
                 "value": entry.value,
                 "last": entry.raw,
-                "count": entry.id,
-                "updated_at": entry.time,
+                "timestamp": entry.time,
+                "replayed": True,
             }
             yield f"id: {entry.id}\nevent: update\ndata: {json.dumps(data)}\n\n", entry.id
         since = page.entries[-1].id
@@ -100,10 +108,29 @@ async def _follow(
                 return
             if isinstance(item, Lagged):
                 chunk.append(_lagged(item.missed))
-            elif item.count > seen:
+            elif item.count > seen or item.count == 0:
+                # Counts at most `seen` were replayed already; but a count of 0 announces a
+                # reset (PUT), after which the counts start over.
+                seen = -1 if item.count == 0 else seen
                 chunk.append(_update(item, with_ids))
         if chunk:
             yield "".join(chunk)
+
+
+class _EventStream(StreamingResponse):
+    """An event stream that ends its subscription when the response ends, however it ends,
+    even if its body never started (the client left first)."""
+
+    def __init__(self, body: AsyncIterator[str], hub: EventHub, subscription: Subscription) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._hub = hub
+        self._subscription = subscription
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._hub.release(self._subscription)
 
 
 def _stream(
@@ -114,15 +141,16 @@ def _stream(
     prefix: str | None = None,
     replay: AsyncIterator[tuple[str, int]] | None = None,
 ) -> StreamingResponse:
-    if hub.full:
-        raise StoreUnavailable("the subscription limit of this process is reached", retry_after=5)
-
-    async def body() -> AsyncIterator[str]:
-        async with hub.subscribe(name=name, prefix=prefix) as subscription:
-            async for text in _follow(subscription, heartbeat, name is not None, replay):
-                yield text
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
+    # Subscribed here, before the 200 is sent: a full hub is a 503, not a broken stream.
+    try:
+        subscription = hub.open(name=name, prefix=prefix)
+    except SubscriptionLimit:
+        raise StoreUnavailable(
+            "the subscription limit of this process is reached", retry_after=5
+        ) from None
+    return _EventStream(
+        _follow(subscription, heartbeat, name is not None, replay), hub, subscription
+    )
 
 
 @router.get(
@@ -147,7 +175,10 @@ async def stream_events(
 ) -> StreamingResponse:
     """Server-Sent Events of the stream's updates, as they are applied by any replica.
 
-    `event: update` carries the new state (`id:` is the stream's count); `event: lagged`
+    `event: update` carries the new state (`id:` is the stream's count; a PUT that resets the
+    stream sends count 0, and the counts start over). Events replayed from the history after a
+    reconnection carry name, count, value, last, timestamp (the sample's time) and
+    `replayed: true`, what the history keeps. `event: lagged`
     carries `{"missed": n}` when updates were lost to this subscriber (n null: unknown);
     comment lines are heartbeats; `event: shutdown` ends the stream when the service stops.
     """
