@@ -2,6 +2,7 @@
 in app/lua/push.lua, the script that writes them."""
 
 import math
+import struct
 from collections.abc import Mapping
 
 from app.models import StreamConfig, StreamState, Window, WindowState
@@ -12,6 +13,16 @@ def number(x: float) -> str:
     return repr(x)
 
 
+def float32(x: float) -> float:
+    """The float32 nearest to `x` (ties to even), as a float; OverflowError beyond its range."""
+    value: float = struct.unpack("f", struct.pack("f", x))[0]
+    return value
+
+
+ARITHMETIC_FIELD = {"tensorflow-float64": "64", "tensorflow-float32": "32"}
+ARITHMETIC_NAME = {field: name for name, field in ARITHMETIC_FIELD.items()}
+
+
 def config_fields(config: StreamConfig) -> dict[str, str]:
     """The hash of a new stream with this configuration, before any value."""
     fields = {"n": "0", "h": str(config.history)}
@@ -20,6 +31,11 @@ def config_fields(config: StreamConfig) -> dict[str, str]:
         fields["a"] = "1" if config.auto_num_updates else "0"
         if config.initial is not None:
             fields["i"] = fields["v"] = number(config.initial)
+            if config.arithmetic == "tensorflow-float32":
+                # the shadow starts as the variable holds its initial value
+                fields["v"] = number(float32(config.initial))
+        if config.arithmetic != "float64":
+            fields["A"] = ARITHMETIC_FIELD[config.arithmetic]
     else:
         assert config.halflife is not None
         fields["H"] = number(config.halflife)
@@ -68,6 +84,7 @@ def _config(fields: Mapping[str, str]) -> StreamConfig:
         initial=_float(fields.get("i")),
         auto_num_updates=fields.get("a") == "1",
         windows=windows or None,
+        arithmetic=ARITHMETIC_NAME.get(fields.get("A", ""), "float64"),
         late="reject" if fields.get("L") == "r" else "merge",
         ttl=int(fields["x"]) if "x" in fields else None,
         history=int(fields.get("h", 0)),
@@ -84,8 +101,10 @@ def _average(
     if total is None or weight is None or weight == 0:
         return None
     if rate:
+        # As of `now`, or of the newest sample if it is ahead of the clock (within the skew
+        # allowed): a rate never grows by itself, and 2 ** positive could overflow.
         newest = float(fields["E"])
-        return total * math.log(2) / halflife * 2 ** ((newest - now) / halflife)
+        return total * math.log(2) / halflife * 2 ** (min(newest - now, 0.0) / halflife)
     return total / weight
 
 
@@ -104,6 +123,7 @@ def state_from_fields(
         debiased = float(fields["b"]) / correction if count and correction else None
     else:
         debiased = None if rate else value
+    variance = None if rate else _variance(fields, config.decay is not None)
     windows = None
     if config.windows:
         windows = {
@@ -122,10 +142,23 @@ def state_from_fields(
         last=_float(fields.get("l")),
         decay_used=_float(fields.get("u")),
         updated_at=_float(fields.get("t")),
+        variance=variance,
+        std=None if variance is None else math.sqrt(variance),
+        z=_float(fields.get("z")),
         timestamp=_float(fields.get("E")),
         windows=windows,
         config=config,
     )
+
+
+def _variance(fields: Mapping[str, str], decay: bool) -> float | None:
+    """The bias-corrected variance, as push.lua computes it (the same float64 operations)."""
+    spread, weight = _float(fields.get("q")), _float(fields.get("w"))
+    if spread is None or weight is None or weight <= 0:
+        return None
+    if decay:
+        return spread / weight
+    return spread * float(fields["Z"]) / weight
 
 
 def _float(text: str | None) -> float | None:

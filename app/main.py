@@ -35,9 +35,20 @@ log = logging.getLogger("app")
 
 DESCRIPTION = """
 Named exponential moving averages, kept in Redis and updated atomically by one Lua script, with
-the semantics of TensorFlow's `tf.train.ExponentialMovingAverage`:
+the update of TensorFlow's `tf.train.ExponentialMovingAverage`:
 `shadow -= (1 - decay) * (shadow - value)`, with `decay = min(decay, (1 + num_updates) /
-(10 + num_updates))` when a push carries `num_updates`. Every number is float64, bit for bit.
+(10 + num_updates))` when a push carries `num_updates`.
+
+A stream's `arithmetic` says how: `float64` (the default) evaluates that form in exact float64
+(the worked example, initial 0, decay 0.99, pushes 5 at step 0 and 10 twice at step 10000,
+gives 4.5, 4.555, 4.60945), which is not what TensorFlow computes; `tensorflow-float64` and
+`tensorflow-float32` reproduce real TensorFlow 2.21 bit for bit on a float64 variable
+(4.4999998807907104, 4.554999829530715, 4.609449779307839) or a float32 variable (4.5,
+4.554999828338623, 4.609449863433838): float32 decay and `1 - decay`, values rounded to float32
+for a float32 variable, subnormals flushed to zero. Numbers cross as exact float64 decimals.
+
+Each stream also reports the exponentially weighted `variance` and `std` of its values (pandas'
+bias-corrected `ewm(...).var()`) and the last value's `z`-score.
 
 Errors are `application/problem+json` (RFC 9457).
 """

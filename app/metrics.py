@@ -271,6 +271,17 @@ class StreamGauges(Collector):
         debiased = GaugeMetricFamily(
             "ema_stream_debiased", "The stream's bias-corrected average.", labels=["stream"]
         )
+        std = GaugeMetricFamily(
+            "ema_stream_std",
+            "The exponentially weighted standard deviation of the stream's values (a band: "
+            "value +- k * std).",
+            labels=["stream"],
+        )
+        z = GaugeMetricFamily(
+            "ema_stream_z",
+            "The last value's z-score against the mean and std before it (alert on its size).",
+            labels=["stream"],
+        )
         last = GaugeMetricFamily(
             "ema_stream_last",
             "The last raw value pushed to the stream (for kind=rate: an event count).",
@@ -299,6 +310,10 @@ class StreamGauges(Collector):
                 value.add_metric([name, kind], state.value)
             if state.debiased is not None:
                 debiased.add_metric([name], state.debiased)
+            if state.std is not None:
+                std.add_metric([name], state.std)
+            if state.z is not None:
+                z.add_metric([name], state.z)
             if state.last is not None:
                 last.add_metric([name, kind], state.last)
             if state.updated_at is not None:
@@ -322,7 +337,7 @@ class StreamGauges(Collector):
                 ],
                 1,
             )
-        yield from (value, window, debiased, last, updated, updates, info)
+        yield from (value, window, debiased, std, z, last, updated, updates, info)
         yield GaugeMetricFamily(
             "ema_metrics_streams",
             "Streams exported as ema_stream_* series by this scrape (EMA_METRICS_STREAM_PREFIXES).",

@@ -25,6 +25,11 @@ MAX_NUM_UPDATES = 10**15
 MAX_HISTORY = 100_000
 MAX_WINDOWS = 8
 MAX_HALFLIFE = 1e9
+# A microsecond, Redis TIME's resolution: below it ln 2 / halflife (a rate's scale) and the
+# weights' exponents leave any meaningful range.
+MIN_HALFLIFE = 1e-6
+# The largest double that rounds to a finite float32 is just below 2**128 - 2**103.
+FLOAT32_LIMIT = 2.0**128 - 2.0**103
 # Counts, and the event and history ids made of them, stay exact integers in a Lua double.
 MAX_COUNT = 2**53
 
@@ -58,13 +63,26 @@ NUM_UPDATES_DOC = (
 Halflife = Annotated[
     float,
     Field(
-        gt=0,
+        ge=MIN_HALFLIFE,
         le=MAX_HALFLIFE,
         description="Seconds after which a sample weighs half as much (by sample timestamps).",
     ),
 ]
 DECAY_DOC = "In [0, 1]: the weight the shadow keeps per update (TensorFlow's EMA)."
 HALFLIFE_DOC = "Seconds after which a sample weighs half as much, by sample timestamps."
+Arithmetic = Literal["float64", "tensorflow-float64", "tensorflow-float32"]
+ARITHMETIC_DOC = (
+    "How the decay averages are computed. float64: TensorFlow's update form, "
+    "shadow -= (1 - decay) * (shadow - value), in exact float64 (the worked example gives 4.5, "
+    "4.555, 4.60945); not bit for bit what TensorFlow computes. tensorflow-float64 and "
+    "tensorflow-float32: bit for bit what tf.compat.v1.train.ExponentialMovingAverage (2.21, "
+    "CPU, zero_debias off) computes on a float64 or float32 variable: the decay rounded to "
+    "float32, min(decay, (1 + n) / (10 + n)) and 1 - decay in float32, the update in the "
+    "variable's dtype (values and initial rounded to float32 for tensorflow-float32), subnormals "
+    "flushed to zero; the worked example gives 4.4999998807907104, 4.554999829530715, "
+    "4.609449779307839 (float64 variable) and 4.5, 4.554999828338623, 4.609449863433838 "
+    "(float32 variable, which TensorFlow prints as 4.5, 4.555, 4.60945). Needs a decay."
+)
 WINDOW_NAME = r"^[A-Za-z0-9_.\-]{1,32}$"
 
 
@@ -168,6 +186,9 @@ class StreamConfig(Model):
         description=f"Up to {MAX_WINDOWS} more named averages, updated by the same pushes.",
         examples=[[{"name": "1m", "halflife": 60}, {"name": "5m", "halflife": 300}]],
     )
+    arithmetic: Arithmetic = Field(
+        default="float64", description=ARITHMETIC_DOC, examples=["float64"]
+    )
     late: Literal["merge", "reject"] = Field(
         default="merge",
         description="A sample older than the stream's newest: merge it exactly as if it had "
@@ -193,6 +214,14 @@ class StreamConfig(Model):
             raise ValueError("give either decay or halflife")
         if self.halflife is not None and (self.initial is not None or self.auto_num_updates):
             raise ValueError("initial and auto_num_updates go with a decay, not a halflife")
+        if self.arithmetic != "float64" and self.decay is None:
+            raise ValueError("the tensorflow arithmetics need a decay")
+        if (
+            self.arithmetic == "tensorflow-float32"
+            and self.initial is not None
+            and abs(self.initial) >= FLOAT32_LIMIT
+        ):
+            raise ValueError("initial is beyond float32's range (tensorflow-float32)")
         if self.kind == "rate" and self.halflife is None:
             raise ValueError("a rate stream needs a halflife")
         if self.kind == "rate" and any(w.decay is not None for w in self.windows or ()):
@@ -319,6 +348,27 @@ class StreamState(BaseModel):
         description="Redis server time of the last update, in Unix seconds.",
         examples=[1764072000.123456],
     )
+    variance: float | None = Field(
+        default=None,
+        description="The exponentially weighted variance of the values pushed, bias-corrected "
+        "as pandas does: with a decay, ewm(alpha=1 - decay, adjust=False).var() (the decay used "
+        "at each update, in float64 whatever the arithmetic); with a halflife, "
+        "(sum w (x - m)^2 / sum w) * (sum w)^2 / ((sum w)^2 - sum w^2) with the time weights. "
+        "Null before two values (or while no weight has moved), and for rate streams.",
+        examples=[6.25],
+    )
+    std: float | None = Field(
+        default=None,
+        description="The square root of variance: the band around the average.",
+        examples=[2.5],
+    )
+    z: float | None = Field(
+        default=None,
+        description="The last value's z-score: (last - mean) / std, with the samples' mean and "
+        "std before it. Null when it is not a finite number: fewer than two values before it, "
+        "or no spread among them.",
+        examples=[1.2],
+    )
     timestamp: float | None = Field(
         default=None,
         description="The newest sample's time (its timestamp, or the server time it arrived).",
@@ -365,6 +415,14 @@ class HistoryEntry(BaseModel):
     )
     raw: float = Field(description="The value pushed.", examples=[10.0])
     value: float = Field(description="The shadow after this value.", examples=[4.555])
+    std: float | None = Field(
+        default=None,
+        description="The stream's std after this value (null if none).",
+        examples=[2.5],
+    )
+    z: float | None = Field(
+        default=None, description="This value's z-score (null if none).", examples=[1.2]
+    )
 
 
 class HistoryPage(BaseModel):

@@ -421,6 +421,8 @@ class StreamStore:
                 time=float(fields["t"]),
                 raw=float(fields["l"]),
                 value=float(fields["v"]),
+                std=float(fields["s"]) if "s" in fields else None,
+                z=float(fields["z"]) if "z" in fields else None,
             )
             for entry_id, fields in entries
         ]

@@ -17,15 +17,31 @@
 -- Hash fields (short, to keep a stream small):
 --   configuration  d decay | H halflife (seconds), i initial, a auto_num_updates, h history cap,
 --                  k kind ('r': rate), L late samples ('r': reject), x ttl (seconds),
---                  W windows, `name:d0.9,name:h60`
+--                  W windows, `name:d0.9,name:h60`, A arithmetic of the decay averages
+--                  (absent: float64; '64', '32': TensorFlow on a float64 or float32 variable)
 --   state          n count, l last raw value, u decay used by the last update, t updated_at
 --                  (Redis server time), E newest sample time;
 --                  with a decay: v shadow, b zero-started shadow, p product of decays used;
 --                  with a halflife: S, Z weighted value and weight sums, weights relative to E;
---                  per window: v:<name>, or S:<name> and Z:<name>
+--                  per window: v:<name>, or S:<name> and Z:<name>;
+--                  the spread of the samples (not of rate streams): with a decay, m its mean,
+--                  q its biased variance, w = 1 - sum of squared weights (weights sum to 1);
+--                  with a halflife, q = sum w (x - S/Z)^2 and w = Z^2 - sum w^2 (relative to
+--                  E like S and Z); z the last value's z-score against the spread before it
 --
 -- TensorFlow's update:  decay = min(decay, (1 + num_updates) / (10 + num_updates)) when the
 --   sample has num_updates;  shadow -= (1 - decay) * (shadow - value).
+-- Arithmetic: by default that update in float64. A = '64' / '32' takes every rounding step
+--   TensorFlow 2.21 takes (moving_averages.py): the decay converted to float32, the min with
+--   num_updates (cast to float32) in float32, 1 - decay in float32 then cast to the variable's
+--   dtype, `(shadow - value) * (1 - decay)` and the subtraction in that dtype (a float32
+--   variable holds each value rounded to float32), subnormal inputs and results flushed to zero
+--   as its CPU kernels do. A float32 operation is done in float64 and rounded: exact for
+--   + - * / (a double has more than 2 * 24 + 2 bits).
+-- Spread: pandas' ewm(alpha = 1 - decay, adjust=False).var() (bias-corrected), a decay per
+--   step, in float64 whatever the arithmetic; with a halflife the same bias correction with the
+--   time weights, V = q / Z * Z^2 / (Z^2 - sum w^2), updated by weighted Welford steps, so late
+--   samples are still exact and the result does not depend on arrival order.
 -- Halflife: a sample at time t weighs 2^((t - E) / halflife). A newer sample moves E forward and
 --   rescales S and Z, so every weight stays <= 1 (float64 holds over any span) and a late
 --   sample is simply added with its own weight: the sums do not depend on arrival order.
@@ -36,7 +52,8 @@
 -- The announcement on ARGV[5] and the idempotency record hold the same list as `f=v;f=v`.
 -- Errors, having written nothing: EMA_INVALID <why>, EMA_NOT_FOUND, EMA_LATE <why>,
 -- EMA_IDEMPOTENCY_MISMATCH.
--- History entries have the id `<count>-0` and fields t (sample time), l (raw), v (main value).
+-- History entries have the id `<count>-0` and fields t (sample time), l (raw), v (main value),
+-- and when defined s (standard deviation after the value) and z (its z-score).
 
 local MAX_NUM_UPDATES = 1e15
 local FIRST_SAMPLE = 7
@@ -55,6 +72,61 @@ local function exact(x)
     end
   end
   return s
+end
+
+local FLOAT32_OVERFLOW = 2 ^ 128
+
+-- The float32 nearest to x, ties to even, subnormals included; +-inf past the largest float32.
+local function float32(x)
+  if x == 0 or not finite(x) then
+    return x
+  end
+  local _, e = math.frexp(x)  -- x = m * 2^e, 0.5 <= |m| < 1
+  local quantum = math.max(e - 24, -149)  -- 24 significant bits, or the subnormal step 2^-149
+  local q = math.ldexp(x, -quantum)
+  local r = math.floor(q)
+  local rest = q - r
+  if rest > 0.5 or (rest == 0.5 and r % 2 == 1) then
+    r = r + 1
+  end
+  local y = math.ldexp(r, quantum)
+  if y >= FLOAT32_OVERFLOW or y <= -FLOAT32_OVERFLOW then
+    return y * math.huge
+  end
+  return y
+end
+
+-- The smallest normal float64 and float32: TensorFlow's CPU kernels flush anything smaller to
+-- a zero of the same sign, on the way in and on the way out of each operation.
+local TINY = {['64'] = 2.2250738585072014e-308, ['32'] = 1.1754943508222875e-38}
+
+local function flush(y, tiny)
+  if y < tiny and y > -tiny then
+    return y * 0
+  end
+  return y
+end
+
+-- `shadow -= (shadow - value) * one_minus_decay` as TensorFlow computes it on a variable of
+-- that dtype (x already rounded to float32 for '32').
+local function tensorflow_step(shadow, x, one_minus_decay, dtype)
+  local tiny = TINY[dtype]
+  shadow, x = flush(shadow, tiny), flush(x, tiny)
+  if dtype == '32' then
+    local delta = flush(float32(flush(float32(shadow - x), tiny) * one_minus_decay), tiny)
+    return flush(float32(shadow - delta), tiny)
+  end
+  local delta = flush(flush(shadow - x, tiny) * one_minus_decay, tiny)
+  return flush(shadow - delta, tiny)
+end
+
+-- TensorFlow's decay tensor: float32 throughout.
+local function tensorflow_decay(decay32, steps)
+  if steps then
+    local n = float32(steps)
+    return math.min(decay32, float32(float32(1 + n) / float32(10 + n)))
+  end
+  return decay32
 end
 
 -- tonumber also takes 'nan', 'inf', '0x10' and ' 5 ': accept plain decimals only, and finite.
@@ -118,7 +190,12 @@ local function read_config(s)
       or (halflife and halflife <= 0) then
     return nil, invalid('the stream needs a decay in [0, 1] or a halflife > 0')
   end
+  local dtype = s.A
+  if dtype and ((dtype ~= '64' and dtype ~= '32') or not decay) then
+    return nil, invalid('the TensorFlow arithmetics need a decay')
+  end
   local config = {
+    dtype = dtype,
     decay = decay,
     halflife = halflife,
     auto = s.a == '1',
@@ -128,11 +205,17 @@ local function read_config(s)
     ttl = tonumber(s.x),
     windows = {{decay = decay, halflife = halflife, v = 'v', S = 'S', Z = 'Z'}},
   }
+  config.spread = not config.rate
   if s.W and s.W ~= '' then
     for name, kind, param in string.gmatch(s.W, '([^:,]+):([dh])([^,]+)') do
       local window = {v = 'v:' .. name, S = 'S:' .. name, Z = 'Z:' .. name}
       if kind == 'd' then window.decay = tonumber(param) else window.halflife = tonumber(param) end
       config.windows[#config.windows + 1] = window
+    end
+  end
+  if dtype then
+    for _, w in ipairs(config.windows) do
+      w.decay32 = w.decay and float32(w.decay)
     end
   end
   return config
@@ -145,6 +228,9 @@ local function read_state(s, config)
     epoch = s.E and tonumber(s.E),
     biased = tonumber(s.b) or 0,
     product = tonumber(s.p) or 1,
+    mean = s.m and tonumber(s.m),
+    spread = tonumber(s.q) or 0,
+    spread_weight = tonumber(s.w) or 0,
     windows = {},
   }
   for i, w in ipairs(config.windows) do
@@ -216,6 +302,8 @@ local function move_epoch(config, state, at)
         ws.weight = ws.weight * shrink
         if i == 1 then
           state.used = shrink
+          state.spread = state.spread * shrink
+          state.spread_weight = state.spread_weight * shrink * shrink
         end
       end
     end
@@ -223,7 +311,64 @@ local function move_epoch(config, state, at)
   end
 end
 
--- One sample into window i; an error if it overflows float64.
+-- The bias-corrected variance of the samples so far, nil while undefined.
+local function variance(config, state)
+  if state.spread_weight <= 0 then
+    return nil
+  end
+  if config.decay then
+    return state.spread / state.spread_weight
+  end
+  return state.spread * state.windows[1].weight / state.spread_weight
+end
+
+-- The z-score of x against a mean and the spread before it; nil where it is not a number.
+local function z_score(x, mean, config, state)
+  local v = variance(config, state)
+  if not v or v <= 0 then
+    return nil
+  end
+  local z = (x - mean) / math.sqrt(v)
+  if finite(z) then
+    return z
+  end
+  return nil
+end
+
+-- One sample into the spread of a decay stream, with the float64 decay d: pandas' recursion
+-- for adjust=False, normalised weights (the old ones times d, the new one 1 - d).
+local function spread_by_decay(config, state, x, d)
+  local m = state.mean
+  if m == nil then
+    state.mean, state.spread, state.spread_weight = x, 0, 0
+    return
+  end
+  state.z = z_score(x, m, config, state)
+  local a = 1 - d
+  local delta = x - m
+  state.mean = m + a * delta
+  state.spread = d * (state.spread + a * delta * delta)
+  -- 1 - sum of squared weights, kept as such: no cancellation when it is small
+  state.spread_weight = d * (2 * a + d * state.spread_weight)
+end
+
+-- One sample of weight `weight` into the spread of a halflife stream (a weighted Welford
+-- step; the main window's sums ws not yet updated).
+local function spread_by_time(config, state, ws, x, weight)
+  local total = ws.weight
+  if total == 0 then
+    state.spread, state.spread_weight = 0, 0
+    return
+  end
+  local before = ws.sum / total
+  state.z = z_score(x, before, config, state)
+  local after = (ws.sum + x * weight) / (total + weight)
+  state.spread = state.spread + weight * (x - before) * (x - after)
+  -- Z^2 - sum w^2 grows by (Z + w)^2 - Z^2 - w^2 = 2 w Z: no cancellation
+  state.spread_weight = state.spread_weight + 2 * weight * total
+end
+
+-- One sample into window i; an error if it overflows.
 local function apply_window(config, state, i, x, steps, at, where)
   local w, ws = config.windows[i], state.windows[i]
   if w.decay then
@@ -231,28 +376,69 @@ local function apply_window(config, state, i, x, steps, at, where)
     if steps then
       d = math.min(d, (1 + steps) / (10 + steps))
     end
-    if ws.shadow then
-      ws.shadow = ws.shadow - (1 - d) * (ws.shadow - x)
+    if i == 1 and config.spread then
+      spread_by_decay(config, state, x, d)
+    end
+    local dtype = config.dtype
+    if dtype then
+      local decay32 = tensorflow_decay(w.decay32, steps)
+      local one_minus_decay = float32(1 - decay32)
+      local held = x
+      if dtype == '32' then
+        held = float32(x)
+      end
+      if ws.shadow then
+        ws.shadow = tensorflow_step(ws.shadow, held, one_minus_decay, dtype)
+      else
+        ws.shadow = held
+      end
+      if i == 1 then
+        state.biased = tensorflow_step(state.biased, held, one_minus_decay, dtype)
+        d = decay32
+      end
     else
-      ws.shadow = x
+      if ws.shadow then
+        ws.shadow = ws.shadow - (1 - d) * (ws.shadow - x)
+      else
+        ws.shadow = x
+      end
+      if i == 1 then
+        state.biased = state.biased - (1 - d) * (state.biased - x)
+      end
     end
     if not finite(ws.shadow) then
       return invalid(where .. 'the update overflows float64')
     end
     if i == 1 then
-      state.biased = state.biased - (1 - d) * (state.biased - x)
       if not finite(state.biased) then
         return invalid(where .. 'the update overflows float64')
       end
       state.product = state.product * d
       state.used = d
+      local correction = 1 - state.product
+      if correction ~= 0 and not finite(state.biased / correction) then
+        return invalid(where .. 'the bias-corrected value overflows float64')
+      end
     end
   else
     local weight = 2 ^ ((at - state.epoch) / w.halflife)
+    if i == 1 and config.spread then
+      spread_by_time(config, state, ws, x, weight)
+    end
     ws.sum = ws.sum + x * weight
     ws.weight = ws.weight + weight
     if not finite(ws.sum) then
       return invalid(where .. 'the update overflows float64')
+    end
+    if config.rate and not finite(ws.sum * math.log(2) / w.halflife) then
+      return invalid(where .. 'the rate overflows float64')
+    end
+  end
+  if i == 1 and config.spread then
+    local v = variance(config, state)
+    if not finite(state.spread) or (v and not finite(v)) or
+        (state.mean and not finite(state.mean)) then
+      return invalid(where .. 'the variance overflows float64')
     end
   end
 end
@@ -274,6 +460,16 @@ local function state_fields(config, state, now)
     add('b', state.biased)
     add('p', state.product)
   end
+  if config.spread then
+    if state.mean then
+      add('m', state.mean)
+    end
+    add('q', state.spread)
+    add('w', state.spread_weight)
+    if state.z then
+      add('z', state.z)
+    end
+  end
   for i, w in ipairs(config.windows) do
     local ws = state.windows[i]
     if w.decay then
@@ -290,8 +486,15 @@ local function write_history(history_key, history, entries)
   -- Only the newest `history` entries can survive the cap: skip writing the others.
   for k = math.max(1, #entries - history + 1), #entries do
     local entry = entries[k]
+    local fields = {'t', exact(entry[2]), 'l', exact(entry[3]), 'v', exact(entry[4])}
+    if entry[5] then
+      fields[7], fields[8] = 's', exact(entry[5])
+    end
+    if entry[6] then
+      fields[#fields + 1], fields[#fields + 2] = 'z', exact(entry[6])
+    end
     redis.call('XADD', history_key, 'MAXLEN', history, string.format('%d-0', entry[1]),
-      't', exact(entry[2]), 'l', exact(entry[3]), 'v', exact(entry[4]))
+      unpack(fields))
   end
 end
 
@@ -357,6 +560,10 @@ local function push(key, history_key, idempotency_key)
     end
     move_epoch(config, state, at)
     local where = 'values[' .. (j - FIRST_SAMPLE) / 3 .. ']: '
+    if config.dtype == '32' and not finite(float32(x)) then
+      return invalid(where .. 'the value overflows float32')
+    end
+    state.z = nil
     for i = 1, #config.windows do
       local overflow = apply_window(config, state, i, x, steps, at, where)
       if overflow then
@@ -366,7 +573,9 @@ local function push(key, history_key, idempotency_key)
     state.count = state.count + 1
     state.last = x
     if config.history > 0 then
-      entries[#entries + 1] = {state.count, at, x, main_value(config, state)}
+      local v = config.spread and variance(config, state)
+      entries[#entries + 1] = {state.count, at, x, main_value(config, state), v and math.sqrt(v),
+        state.z}
     end
   end
 
@@ -379,6 +588,9 @@ local function push(key, history_key, idempotency_key)
     redis.call('HSET', key, unpack(fields))
   end
   redis.call('HSET', key, unpack(state_fields(config, state, now)))
+  if s.z and not state.z then
+    redis.call('HDEL', key, 'z')
+  end
   write_history(history_key, config.history, entries)
   if config.ttl then
     redis.call('EXPIRE', key, config.ttl)

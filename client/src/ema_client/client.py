@@ -233,11 +233,14 @@ class StreamConfig(_Reply):
     late: str = "merge"
     ttl: int | None = None
     history: int = 0
+    arithmetic: str = "float64"
 
 
 class State(_Reply):
     """A stream's state and configuration, as returned by a push and by `get`: `value` is the
-    moving average, `debiased` the bias-corrected one, `count` the updates applied."""
+    moving average, `debiased` the bias-corrected one, `count` the updates applied; `variance`
+    and `std` the exponentially weighted spread of the values, `z` the last value's z-score
+    against the mean and std before it (each None where undefined)."""
 
     name: str
     value: float | None
@@ -246,6 +249,9 @@ class State(_Reply):
     last: float | None = None
     decay_used: float | None = None
     updated_at: float | None = None
+    variance: float | None = None
+    std: float | None = None
+    z: float | None = None
     timestamp: float | None = None
     windows: dict[str, Any] | None = None
     config: StreamConfig
@@ -309,6 +315,8 @@ class Update(_Reply):
     last: float | None = None
     count: int
     updated_at: float | None = None
+    std: float | None = None
+    z: float | None = None
 
 
 class Lagged(_Reply):
@@ -906,7 +914,7 @@ class Client(_ClientBase):
     ) -> State:
         """Creates the stream, or replaces its configuration (its state starts over). Give a
         `decay` or a `halflife`; `config` takes the other fields of the service's StreamConfig
-        (kind, windows, late, ttl, history)."""
+        (kind, windows, late, ttl, history, arithmetic)."""
         return self._run(
             _Calls.create(name, _config(decay, halflife, initial, auto_num_updates, config))
         )
@@ -1054,7 +1062,7 @@ class AsyncClient(_ClientBase):
     ) -> State:
         """Creates the stream, or replaces its configuration (its state starts over). Give a
         `decay` or a `halflife`; `config` takes the other fields of the service's StreamConfig
-        (kind, windows, late, ttl, history)."""
+        (kind, windows, late, ttl, history, arithmetic)."""
         return await self._run(
             _Calls.create(name, _config(decay, halflife, initial, auto_num_updates, config))
         )
