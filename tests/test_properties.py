@@ -3,6 +3,7 @@ reaches outside the key prefix."""
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -123,3 +124,96 @@ def test_no_name_reaches_outside_the_key_prefix(
         assert key.startswith("prop:{"), key
         assert key.count("{") == 1
         assert key.count("}") == 1
+
+
+# --- every number honest: extreme configurations and values never answer 500 ------------------
+
+extreme = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),  # subnormals and 1.7976931348623157e308
+    st.sampled_from([5e-324, -5e-324, 2.2250738585072014e-308, 1e-300, 1e300, -1.7e308, 0.0]),
+    st.sampled_from([3.4028234663852886e38, 3.5e38, 1.1754943508222875e-38, 1e-45]),
+)
+extreme_decay = st.one_of(
+    st.floats(min_value=0, max_value=1),
+    st.sampled_from([0.0, 1.0, 5e-324, 1 - 2**-53, 0.99999999, 0.5]),
+)
+extreme_halflife = st.one_of(
+    st.floats(min_value=1e-6, max_value=1e9),
+    st.sampled_from([1e-6, 1e9, 1e-300, 5e-324, 1e-9, 0.0]),
+)
+extreme_configs = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "decay": extreme_decay,
+            "initial": st.none() | extreme,
+            "auto_num_updates": st.booleans(),
+            "arithmetic": st.sampled_from(["float64", "tensorflow-float64", "tensorflow-float32"]),
+        },
+        optional={"windows": st.just([{"name": "w", "decay": 0.5}, {"name": "h", "halflife": 1}])},
+    ),
+    st.fixed_dictionaries(
+        {"halflife": extreme_halflife, "kind": st.sampled_from(["mean", "rate"])},
+        optional={"windows": st.just([{"name": "h", "halflife": 1e-6}])},
+    ),
+)
+# seconds from now: the past, and up to the default EMA_MAX_CLOCK_SKEW (60 s) ahead
+offsets = st.none() | st.floats(min_value=-1e6, max_value=59) | st.sampled_from([-1e9, 0.0, 59.0])
+extreme_samples = st.lists(
+    st.tuples(extreme, st.none() | st.integers(min_value=0, max_value=10**15), offsets),
+    min_size=1,
+    max_size=6,
+)
+
+
+def _numbers(body: Any) -> list[float]:
+    if isinstance(body, dict):
+        return [x for value in body.values() for x in _numbers(value)]
+    if isinstance(body, list):
+        return [x for value in body for x in _numbers(value)]
+    return [float(body)] if isinstance(body, int | float) and not isinstance(body, bool) else []
+
+
+def _honest(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    text = response.text
+    assert "Infinity" not in text, text
+    assert "NaN" not in text, text
+    state: dict[str, Any] = response.json()
+    assert all(math.isfinite(x) for x in _numbers(state)), state
+    return state
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(config=extreme_configs, pushes=st.lists(extreme_samples, min_size=1, max_size=5))
+def test_extreme_configurations_and_values_never_500_and_a_refusal_applies_nothing(
+    http: httpx.Client,
+    raw: "redis.Redis",
+    config: dict[str, Any],
+    pushes: list[list[tuple[float, int | None, float | None]]],
+) -> None:
+    raw.flushdb()
+    put = http.put("/v1/streams/x", json=config)
+    assert put.status_code in (201, 422), put.text
+    if put.status_code == 422:
+        assert raw.dbsize() == 0
+        return
+    applied = 0
+    for batch in pushes:
+        now = time.time()
+        body = {
+            "values": [
+                {"value": v, "num_updates": n, "timestamp": None if o is None else max(0, now + o)}
+                for v, n, o in batch
+            ]
+        }
+        before = snapshot(raw)
+        response = http.post("/v1/streams/x/values", json=body)
+        assert response.status_code in (200, 409, 422), response.text
+        if response.status_code == 200:
+            applied += len(batch)
+            state = _honest(response)
+            assert state["value"] is not None
+        else:
+            assert snapshot(raw) == before
+        state = _honest(http.get("/v1/streams/x"))
+        assert state["count"] == applied

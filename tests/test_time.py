@@ -281,3 +281,44 @@ async def test_bad_timestamps_are_422(
         response = await client.post("/v1/streams/t/values", content=body)
         assert response.status_code == 422, response.text
     assert snapshot(redis_client) == before
+
+
+async def test_a_rate_ahead_of_the_clock_is_reported_as_of_its_newest_sample(
+    client: httpx.AsyncClient,
+) -> None:
+    # Within EMA_MAX_CLOCK_SKEW (60 s by default): 2 ** ((newest - now) / halflife) would be
+    # 2 ** 50 here and 2 ** 1500 with a larger skew (an OverflowError, answered 500).
+    await client.put("/v1/streams/r", json={"halflife": 1, "kind": "rate"})
+    response = await client.post(
+        "/v1/streams/r/values", json={"value": 3, "timestamp": time.time() + 50}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["value"] == 3 * math.log(2)
+    state = (await client.get("/v1/streams/r")).json()
+    assert state["value"] == 3 * math.log(2)
+
+
+@pytest.mark.parametrize("halflife", [5e-324, 1e-300, 1e-9, 0.0])
+async def test_a_halflife_below_a_microsecond_is_refused(
+    client: httpx.AsyncClient, halflife: float
+) -> None:
+    for config in [
+        {"halflife": halflife, "kind": "rate"},
+        {"decay": 0.5, "windows": [{"name": "w", "halflife": halflife}]},
+    ]:
+        response = await client.put("/v1/streams/r", json=config)
+        assert response.status_code == 422, response.text
+    assert (await client.get("/v1/streams/r")).status_code == 404
+
+
+async def test_an_overflowing_rate_is_refused_not_null(
+    client: httpx.AsyncClient, redis_client: "redis.Redis"
+) -> None:
+    await client.put("/v1/streams/r", json={"halflife": 1e-6, "kind": "rate"})
+    ok = await client.post("/v1/streams/r/values", json={"value": 1e300})
+    assert ok.json()["value"] == 1e300 * math.log(2) / 1e-6
+    before = snapshot(redis_client)
+    response = await client.post("/v1/streams/r/values", json={"values": [1.0, 1e303]})
+    assert response.status_code == 422
+    assert "rate overflows" in response.json()["detail"]
+    assert snapshot(redis_client) == before
