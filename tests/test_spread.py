@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import redis
 
-from tests.conftest import snapshot
 from tests.reference import decay_for, exact_decay_spread, exact_time_spread
+from tests.utils import snapshot
 
 pytestmark = pytest.mark.anyio
 
