@@ -1,9 +1,16 @@
 """The arithmetic modes through the HTTP API: every step of every vector real TensorFlow computed
 (tests/vectors/tensorflow.json), bit for bit, read back from the stream's history."""
 
-import httpx
-import pytest
+import math
+import random
+import struct
 
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from app.scripts import load_source
 from tests.reference import ARITHMETICS, ReferenceEma, to_float32
 from tests.vectors.load import Vector, vectors
 
@@ -136,3 +143,36 @@ async def test_arithmetic_configurations_refused(
     response = await client.put("/v1/streams/bad", json=config)
     assert response.status_code == 422, response.text
     assert (await client.get("/v1/streams/bad")).status_code == 404
+
+
+def test_the_scripts_float32_rounding_is_numpys(redis_client: "redis.Redis") -> None:
+    """push.lua's float32() (cut out of the script) on ties, subnormals, signed zeros and the
+    overflow boundary, against numpy's conversion."""
+    source = load_source("push")
+    function = source[source.index("local frexp, ldexp") : source.index("-- TensorFlow's CPU")]
+    harness = function + (
+        "local out = {} for i = 1, #ARGV do local y = float32(tonumber(ARGV[i])) "
+        "if y == math.huge then out[i] = 'inf' elseif y == -math.huge then out[i] = '-inf' "
+        "elseif y == 0 and 1 / y < 0 then out[i] = '-0' else out[i] = string.format('%.17g', y) "
+        "end end return out"
+    )
+    rng = random.Random(32)
+    xs: list[float] = [0.0, -0.0, 5e-324, -1e-300, 1e-45, 7e-46, 7.006492321624085e-46,
+                       1.1754942106924411e-38, 1.1754943508222875e-38, 3.4028234663852886e38,
+                       3.4028235677973366e38, 3.402823567797336e38, -1e39, 1e300]  # fmt: skip
+    for _ in range(6000):
+        f = float(np.float32(rng.uniform(-1, 1) * 10 ** rng.uniform(-45, 38.5)))
+        step = 2.0 ** max(math.frexp(f)[1] - 24, -149)
+        xs.append(f + step / 2 * rng.choice([1, -1, 0.999999, 1.000001, 0.0]))  # ties, near
+        xs.append(struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0])
+    xs = [x for x in xs if math.isfinite(x)]
+    got = redis_client.eval(harness, 0, *[repr(x) for x in xs])  # type: ignore[no-untyped-call]
+    with np.errstate(over="ignore"):
+        expected = [np.float32(x) for x in xs]
+    for x, g, e in zip(xs, got, expected, strict=True):
+        if math.isinf(e):
+            assert g == ("inf" if e > 0 else "-inf"), x
+        elif e == 0 and np.signbit(e):
+            assert g == "-0", x
+        else:
+            assert float(g) == float(e), x

@@ -74,55 +74,71 @@ local function exact(x)
   return s
 end
 
+local frexp, ldexp = math.frexp, math.ldexp
 local FLOAT32_OVERFLOW = 2 ^ 128
+local SUBNORMAL32 = 1.5 * 2 ^ -97
 
 -- The float32 nearest to x, ties to even, subnormals included; +-inf past the largest float32.
+-- Adding K = 1.5 * 2^(e + 28) (a double whose last bit is worth x's float32 step, 2^(e - 24))
+-- makes the float64 addition round x to that step, ties to even; subtracting K is exact.
 local function float32(x)
-  if x == 0 or not finite(x) then
-    return x
+  if x == 0 then
+    return x  -- keeps the sign of a zero (0 + K - K would not)
   end
-  local _, e = math.frexp(x)  -- x = m * 2^e, 0.5 <= |m| < 1
-  local quantum = math.max(e - 24, -149)  -- 24 significant bits, or the subnormal step 2^-149
-  local q = math.ldexp(x, -quantum)
-  local r = math.floor(q)
-  local rest = q - r
-  if rest > 0.5 or (rest == 0.5 and r % 2 == 1) then
-    r = r + 1
+  local _, e = frexp(x)  -- x = m * 2^e, 0.5 <= |m| < 1 (e = 0 for inf and NaN)
+  if e > 128 then
+    return x * math.huge  -- beyond float32 (and K itself would overflow)
   end
-  local y = math.ldexp(r, quantum)
+  local k = SUBNORMAL32  -- below 2^-126 the step is 2^-149
+  if e > -126 then
+    k = ldexp(1.5, e + 28)
+  end
+  local y = (x + k) - k
   if y >= FLOAT32_OVERFLOW or y <= -FLOAT32_OVERFLOW then
     return y * math.huge
   end
-  return y
-end
-
--- The smallest normal float64 and float32: TensorFlow's CPU kernels flush anything smaller to
--- a zero of the same sign, on the way in and on the way out of each operation.
-local TINY = {['64'] = 2.2250738585072014e-308, ['32'] = 1.1754943508222875e-38}
-
-local function flush(y, tiny)
-  if y < tiny and y > -tiny then
-    return y * 0
+  if y == 0 then
+    return x * 0  -- rounded to a zero of x's sign
   end
   return y
 end
 
--- `shadow -= (shadow - value) * one_minus_decay` as TensorFlow computes it on a variable of
--- that dtype (x already rounded to float32 for '32').
-local function tensorflow_step(shadow, x, one_minus_decay, dtype)
-  local tiny = TINY[dtype]
-  shadow, x = flush(shadow, tiny), flush(x, tiny)
-  if dtype == '32' then
-    local delta = flush(float32(flush(float32(shadow - x), tiny) * one_minus_decay), tiny)
-    return flush(float32(shadow - delta), tiny)
-  end
-  local delta = flush(flush(shadow - x, tiny) * one_minus_decay, tiny)
-  return flush(shadow - delta, tiny)
+-- TensorFlow's CPU kernels flush subnormal inputs and results to a zero of the same sign: below
+-- these, the smallest normal float64 and float32.
+local TINY64, TINY32 = 2.2250738585072014e-308, 1.1754943508222875e-38
+
+-- `shadow -= (shadow - value) * one_minus_decay` as TensorFlow computes it on a float64 variable
+-- (flushes written out: this runs for every sample).
+local function tensorflow_step64(shadow, x, one_minus_decay)
+  if shadow < TINY64 and shadow > -TINY64 then shadow = shadow * 0 end
+  if x < TINY64 and x > -TINY64 then x = x * 0 end
+  local delta = shadow - x
+  if delta < TINY64 and delta > -TINY64 then delta = delta * 0 end
+  delta = delta * one_minus_decay
+  if delta < TINY64 and delta > -TINY64 then delta = delta * 0 end
+  local y = shadow - delta
+  if y < TINY64 and y > -TINY64 then y = y * 0 end
+  return y
 end
 
--- TensorFlow's decay tensor: float32 throughout.
+-- The same on a float32 variable: x already rounded to float32, each operation rounded to it.
+local function tensorflow_step32(shadow, x, one_minus_decay)
+  if shadow < TINY32 and shadow > -TINY32 then shadow = shadow * 0 end
+  if x < TINY32 and x > -TINY32 then x = x * 0 end
+  local delta = float32(shadow - x)
+  if delta < TINY32 and delta > -TINY32 then delta = delta * 0 end
+  delta = float32(delta * one_minus_decay)
+  if delta < TINY32 and delta > -TINY32 then delta = delta * 0 end
+  local y = float32(shadow - delta)
+  if y < TINY32 and y > -TINY32 then y = y * 0 end
+  return y
+end
+
+-- TensorFlow's decay tensor, float32 throughout: min(decay, (1 + n) / (10 + n)).
 local function tensorflow_decay(decay32, steps)
-  if steps then
+  -- (1 + n) / (10 + n) computed in float32 is within 2^-22 (relative) of its float64 value:
+  -- well above the decay, the min is the decay, and the float32 steps can be skipped.
+  if steps and (1 + steps) / (10 + steps) < decay32 * (1 + 2 ^ -20) then
     local n = float32(steps)
     return math.min(decay32, float32(float32(1 + n) / float32(10 + n)))
   end
@@ -215,7 +231,10 @@ local function read_config(s)
   end
   if dtype then
     for _, w in ipairs(config.windows) do
-      w.decay32 = w.decay and float32(w.decay)
+      if w.decay then
+        w.decay32 = float32(w.decay)
+        w.one_minus_decay32 = float32(1 - w.decay32)
+      end
     end
   end
   return config
@@ -382,18 +401,21 @@ local function apply_window(config, state, i, x, steps, at, where)
     local dtype = config.dtype
     if dtype then
       local decay32 = tensorflow_decay(w.decay32, steps)
-      local one_minus_decay = float32(1 - decay32)
-      local held = x
+      local one_minus_decay = w.one_minus_decay32
+      if decay32 ~= w.decay32 then
+        one_minus_decay = float32(1 - decay32)
+      end
+      local step, held = tensorflow_step64, x
       if dtype == '32' then
-        held = float32(x)
+        step, held = tensorflow_step32, state.x32
       end
       if ws.shadow then
-        ws.shadow = tensorflow_step(ws.shadow, held, one_minus_decay, dtype)
+        ws.shadow = step(ws.shadow, held, one_minus_decay)
       else
         ws.shadow = held
       end
       if i == 1 then
-        state.biased = tensorflow_step(state.biased, held, one_minus_decay, dtype)
+        state.biased = step(state.biased, held, one_minus_decay)
         d = decay32
       end
     else
@@ -560,8 +582,11 @@ local function push(key, history_key, idempotency_key)
     end
     move_epoch(config, state, at)
     local where = 'values[' .. (j - FIRST_SAMPLE) / 3 .. ']: '
-    if config.dtype == '32' and not finite(float32(x)) then
-      return invalid(where .. 'the value overflows float32')
+    if config.dtype == '32' then
+      state.x32 = float32(x)
+      if not finite(state.x32) then
+        return invalid(where .. 'the value overflows float32')
+      end
     end
     state.z = nil
     for i = 1, #config.windows do
