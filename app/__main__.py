@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             workers=settings.workers,
             log_config=log_config,
             access_log=False,
+            # uvicorn's httptools protocol with bounds on header size and request time.
+            http="app.protocol:BoundedHttpProtocol",
         )
     finally:
         remove_multiprocess_directory(metrics_directory)

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
         default=True, description="Publish every update to Redis Pub/Sub for subscribers."
     )
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    max_header_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=65_536, description="Largest request line and headers (python -m app): else 431."
+    )
+    request_timeout: Annotated[float, Field(gt=0)] = Field(
+        default=10.0,
+        description="Seconds a client has to send a request, head and body (python -m app): "
+        "else 408.",
+    )
     redis_timeout: Annotated[float, Field(gt=0)] = Field(
         default=2.0, description="Seconds a Redis command may take before the request gets a 503."
     )

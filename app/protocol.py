@@ -1,0 +1,135 @@
+"""uvicorn's HTTP/1.1 protocol (httptools) with the limits it does not have: the size of a
+request's head, and the time a client may take to send a request.
+
+Without them a client can make a worker hold a 100 MB header in memory, or keep hundreds of
+connections open by sending a byte a second (slowloris), or declare a body and never send it.
+`python -m app` serves with this protocol; `uvicorn --http app.protocol:BoundedHttpProtocol`
+does too.
+
+- A request line and headers over EMA_MAX_HEADER_BYTES: 431, and the connection is closed.
+- A request (head and body) not received within EMA_REQUEST_TIMEOUT seconds of its first byte
+  (or of the connection, for its first request): 408, and the connection is closed. An idle
+  keep-alive connection is closed after uvicorn's keep-alive timeout (5 s).
+"""
+
+import asyncio
+import json
+from functools import cache
+from http import HTTPStatus
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.errors import PROBLEM_JSON
+from app.settings import Settings
+
+
+@cache
+def _limits() -> tuple[int, float]:
+    # Read once per process, on its first connection: the protocol is built by uvicorn,
+    # which has no way to hand it the app's settings.
+    settings = Settings()
+    return settings.max_header_bytes, settings.request_timeout
+
+
+def _problem(status: HTTPStatus, detail: str) -> bytes:
+    body = json.dumps(
+        {"type": "about:blank", "title": status.phrase, "status": int(status), "detail": detail}
+    ).encode()
+    head = (
+        f"HTTP/1.1 {int(status)} {status.phrase}\r\n"
+        f"content-type: {PROBLEM_JSON}\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol with a bound on the request head's size and on a request's time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_head, self._timeout = _limits()
+        self._head_bytes = 0
+        self._in_head = True  # until the current request's headers are complete
+        self._deadline: asyncio.TimerHandle | None = None
+        self._refused = False  # answered and closing: nothing more is parsed
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()  # a connection that sends nothing is a slow client too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Checked as the head arrives, so that an endless header is never held whole.
+        if self._in_head and self._head_bytes > self._max_head:
+            self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, self._too_large())
+
+    def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        super().on_message_begin()
+        if self._deadline is None:  # a keep-alive connection's next request
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._in_head = False
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self._max_head:
+            self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, self._too_large())
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        self._in_head, self._head_bytes = True, 0  # what follows is the next request's head
+        super().on_message_complete()
+
+    def _too_large(self) -> str:
+        return f"the request line and headers exceed {self._max_head} bytes"
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self._timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        detail = f"the request was not received within {self._timeout:g} seconds"
+        self._refuse(HTTPStatus.REQUEST_TIMEOUT, detail)
+
+    def _refuse(self, status: HTTPStatus, detail: str) -> None:
+        """Answer `status` unless a response has started, and close the connection."""
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        self._disarm()
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            if cycle is not None and not cycle.response_complete:
+                # The app waiting for the body is told the client left: it answers no one.
+                cycle.disconnected = True
+                cycle.message_event.set()
+            self.transport.write(_problem(status, detail))
+        self.transport.close()
