@@ -6,6 +6,7 @@ See `ema_client.client` for the calls, retries and errors; `ema_client.cli` is t
 command.
 """
 
+from ema_client._reply import InvalidReply
 from ema_client._version import __version__
 from ema_client.client import (
     API_KEY_VARIABLE,
@@ -65,6 +66,7 @@ __all__ = [
     "Features",
     "Forbidden",
     "InvalidInput",
+    "InvalidReply",
     "Lagged",
     "NotFound",
     "NotSupported",

@@ -175,13 +175,13 @@ def _state_text(state: State) -> str:
     ttl = "none" if config.ttl is None else _seconds(config.ttl)
     lines.append(f"  retention   late {config.late}, ttl {ttl}, history {config.history}")
     # Fields of a service newer than this command, shown as they come.
-    for key, extra in (state.model_extra or {}).items():
+    for key, extra in state.extra.items():
         lines.append(f"  {key:<10}  {json.dumps(extra)}")
     return "\n".join(lines)
 
 
 def _state_json(state: State) -> str:
-    return state.model_dump_json()
+    return json.dumps(state.to_dict())
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -378,7 +378,7 @@ def _create(args: argparse.Namespace) -> None:
 def _ls(args: argparse.Namespace) -> None:
     states, now = _listing(args)
     if args.json:
-        print(json.dumps([state.model_dump(mode="json") for state in states]))
+        print(json.dumps([state.to_dict() for state in states]))
         return
     rows = [["NAME", "KIND", "VALUE", "COUNT", "UPDATED"]]
     for state in states:

@@ -55,15 +55,15 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Final, Generic, Self, TypeVar
 from urllib.parse import quote
 
 import anyio
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ema_client._reply import InvalidReply, Reply
 from ema_client._version import __version__
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
@@ -73,7 +73,7 @@ EVENTS_PATH: Final = "/v1/streams/{name}/events"
 BULK_PATH: Final = "/v1/values"
 
 T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Reply)
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -177,8 +177,8 @@ def error_for(response: httpx.Response) -> ApiError:
     """The typed error for an error response (its body already read), from its problem+json;
     a body that is not one (a proxy's HTML page) is summarised instead."""
     try:
-        problem = Problem.model_validate_json(response.content)
-    except ValidationError:
+        problem = Problem.parse_json(response.content)
+    except InvalidReply:
         text = " ".join(response.text.split())[:200]
         problem = Problem(
             title=response.reason_phrase or "Error",
@@ -203,11 +203,12 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 # The replies' models mirror the service's app.models (a test keeps them in step) rather than
 # import it: this package installs without the service, and a reply from a newer service, with
-# fields this client does not know, must still parse. They keep such fields.
+# fields this client does not know, must still parse. They keep such fields (in `extra`, and
+# as attributes). They are frozen dataclasses: see ema_client._reply.
 
 
-class _Reply(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Reply(Reply):
+    pass
 
 
 class Problem(_Reply):
@@ -497,8 +498,8 @@ def _json(response: httpx.Response) -> Any:
 def _model(kind: type[M]) -> Callable[[httpx.Response], M]:
     def parse(response: httpx.Response) -> M:
         try:
-            return kind.model_validate(_json(response))
-        except ValidationError as error:
+            return kind.parse(_json(response))
+        except InvalidReply as error:
             raise ProtocolError(f"unexpected reply: {error}") from None
 
     return parse
@@ -606,15 +607,15 @@ def _bulk_results(streams: list[str], reply: Any) -> list[BulkResult]:
     for stream, item in zip(streams, items, strict=True):
         try:
             if isinstance(item, dict) and isinstance(item.get("error"), dict):
-                results.append(BulkResult(stream, error=Problem.model_validate(item["error"])))
+                results.append(BulkResult(stream, error=Problem.parse(item["error"])))
             elif isinstance(item, dict) and isinstance(item.get("state"), dict):
-                results.append(BulkResult(stream, state=State.model_validate(item["state"])))
+                results.append(BulkResult(stream, state=State.parse(item["state"])))
             elif isinstance(item, dict) and "status" in item and "count" not in item:
-                results.append(BulkResult(stream, error=Problem.model_validate(item)))
+                results.append(BulkResult(stream, error=Problem.parse(item)))
             else:
                 state = item.get("state", item) if isinstance(item, dict) else item
-                results.append(BulkResult(stream, state=State.model_validate(state)))
-        except ValidationError as error:
+                results.append(BulkResult(stream, state=State.parse(state)))
+        except InvalidReply as error:
             raise ProtocolError(f"unexpected bulk result for {stream!r}: {error}") from None
     return results
 
@@ -700,10 +701,10 @@ class _Resume:
         data = "\n".join(raw.data)
         try:
             if raw.event == "update":
-                return Update.model_validate_json(data).model_copy(update={"id": raw.id})
+                return replace(Update.parse_json(data), id=raw.id)
             if raw.event == "lagged":
-                return Lagged.model_validate_json(data).model_copy(update={"id": raw.id})
-        except ValidationError as error:
+                return replace(Lagged.parse_json(data), id=raw.id)
+        except InvalidReply as error:
             raise ProtocolError(f"unexpected {raw.event} event: {error}") from None
         return None  # an event type newer than this client
 
