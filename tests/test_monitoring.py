@@ -177,9 +177,14 @@ def test_prometheus_rules_use_only_metrics_the_service_exposes(exposed: dict[str
 def test_every_alert_says_what_and_where_its_runbook_is() -> None:
     readme = (ROOT / "README.md").read_text()
     alerts = [rule for rule in rules() if "alert" in rule]
-    assert {"EmaServiceDown", "EmaRedisErrors", "EmaHighErrorRatio", "EmaSlowPushScript"} <= {
-        rule["alert"] for rule in alerts
-    }
+    assert {
+        "EmaServiceDown",
+        "EmaRedisErrors",
+        "EmaHighErrorRatio",
+        "EmaSlowPushScript",
+        "EmaStreamStale",
+        "EmaStreamUnusualValue",
+    } <= {rule["alert"] for rule in alerts}
     for rule in alerts:
         name = rule["alert"]
         annotations = rule["annotations"]

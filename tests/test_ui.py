@@ -252,6 +252,14 @@ def test_overview_and_detail_of_every_kind_in_a_real_browser(service: ServicePro
             assert numbers.locator('[data-window="slow"]').inner_text() == shown(slow.shadow)
             assert numbers.locator('[data-field="count"]').inner_text() == "4"
             page.wait_for_function("document.querySelector('#detail').dataset.points === '4'")
+            # The spread: std and z as the service reports them, and the band on the chart.
+            state = httpx.get(f"{base}/v1/streams/ui.loss").json()
+            assert state["std"] > 0
+            text_is(page, numbers.locator('[data-field="std"]'), shown(state["std"]))
+            assert numbers.locator('[data-field="z"]').inner_text() == shown(state["z"])
+            legend = page.locator("#chart .u-legend").inner_text()
+            assert "value + 2\u03c3" in legend
+            assert "value \u2212 2\u03c3" in legend
             screenshot(page, "detail-decay")
 
             # The halflife mean: windows shown, and the 10-minute pause in its history a gap.

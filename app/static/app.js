@@ -571,7 +571,7 @@
         ["last", rate ? "events in last push" : "last raw"],
         ["count", "count"],
         ...(state.config.windows || []).map((w) => [`w:${w.name}`, `${w.name} (${windowSpec(w)})`]),
-        ...(hasSpread(state) ? [["std", "std (σ)"], ["z", "z of last"]] : []),
+        ...(hasSpread(state) ? [["std", "std"], ["z", "z of last value"]] : []),
         ["updated", "updated"],
       ];
       $("#numbers").replaceChildren(...items.map(([field, label]) => {
