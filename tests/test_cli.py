@@ -91,6 +91,13 @@ def test_push_get_ls_rm_for_people(service: ServiceProcess, name: str) -> None:
     assert "  count       3" in shown
     assert "  config      decay 0.99, initial 0.0, auto_num_updates off" in shown
     assert "  kind        mean" in shown
+    assert "  arithmetic  float64" in shown
+    with Client(service.url) as ema:
+        state = ema.get(name)
+    assert state.std is not None
+    assert state.z is not None
+    assert f"  std         {state.std!r}" in shown
+    assert f"  z           {state.z!r}" in shown
 
     run("push", f"{name}.b", "1", "2", "3", url=service.url)
     table = run("ls", "--prefix", name, url=service.url).stdout.splitlines()
@@ -306,12 +313,14 @@ def test_create_takes_every_configuration_field(service: ServiceProcess, name: s
 
     decay = run(
         *("create", f"{name}.d", "--decay", "0.9", "--initial", "1", "--auto-num-updates"),
+        *("--arithmetic", "tensorflow-float32"),
         *("--window", "fast:decay=0.5", "--set", "history=3", "--json"),
         url=service.url,
     )
     assert decay.returncode == 0, decay.stderr
     config = json.loads(decay.stdout)["config"]
     assert (config["decay"], config["initial"], config["auto_num_updates"]) == (0.9, 1.0, True)
+    assert config["arithmetic"] == "tensorflow-float32"
     assert (config["windows"], config["history"]) == (
         [{"name": "fast", "decay": 0.5, "halflife": None}],
         3,

@@ -156,6 +156,8 @@ def _state_text(state: State) -> str:
         f"  kind        {config.kind}{' (events/s)' if rate else ''}",
         f"  value       {_number(state.value)}{'/s' if rate and state.value is not None else ''}",
         f"  debiased    {_number(state.debiased)}",
+        f"  std         {_number(state.std)}",
+        f"  z           {_number(state.z)}",
         f"  count       {state.count}",
         f"  last        {_number(state.last)}",
         f"  decay used  {_number(state.decay_used)}",
@@ -164,6 +166,8 @@ def _state_text(state: State) -> str:
     if state.timestamp is not None and config.halflife is not None:
         lines.append(f"  timestamp   {_when(state.timestamp)} (newest sample)")
     lines.append(f"  config      {averaging}")
+    if config.halflife is None:
+        lines.append(f"  arithmetic  {config.arithmetic}")
     windows = state.windows or {}
     rows = [
         [name, _value(window.get("value"), rate), _averaging(window)]
@@ -361,6 +365,7 @@ def _create(args: argparse.Namespace) -> None:
         "late": args.late,
         "ttl": args.ttl,
         "history": args.history,
+        "arithmetic": args.arithmetic,
     }
     config.update(args.settings or {})
     with _client(args) as ema, _naming(args.name):
@@ -709,6 +714,11 @@ def parser() -> argparse.ArgumentParser:
     )
     create.add_argument(
         "--late", choices=["merge", "reject"], help="a sample older than the newest (merge)"
+    )
+    create.add_argument(
+        "--arithmetic",
+        choices=["float64", "tensorflow-float64", "tensorflow-float32"],
+        help="with --decay: how the average is computed (float64)",
     )
     create.add_argument("--ttl", type=_positive(int), help="seconds without a push before deletion")
     create.add_argument("--history", type=int, help="keep the newest N entries (0)")
