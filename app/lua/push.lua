@@ -341,62 +341,75 @@ local function variance(config, state)
   return state.spread * state.windows[1].weight / state.spread_weight
 end
 
--- The z-score of x against a mean and the spread before it; nil where it is not a number.
-local function z_score(x, mean, config, state)
-  local v = variance(config, state)
-  if not v or v <= 0 then
-    return nil
+-- One sample into the spread of the main average, before its own update: with a decay d,
+-- pandas' recursion for adjust=False (normalised weights: the old ones times d, the new one
+-- 1 - d); with a halflife, a weighted Welford step for a sample of weight `weight`, ws being the
+-- main window's sums. Sets state.z (against the spread before the sample) when `want_z`.
+-- Returns false if a number of the spread overflows.
+local function update_spread(state, x, d, weight, ws, want_z)
+  local q, u = state.spread, state.spread_weight
+  local before, v, total
+  if d then
+    before = state.mean
+    if before == nil then
+      state.mean, state.spread, state.spread_weight = x, 0, 0
+      return finite(x)
+    end
+    if want_z and u > 0 then
+      v = q / u
+    end
+    local a = 1 - d
+    local delta = x - before
+    state.mean = before + a * delta
+    q = d * (q + a * delta * delta)
+    -- 1 - sum of squared weights, kept as such: no cancellation when it is small
+    u = d * (2 * a + d * u)
+    if not finite(state.mean) then
+      return false
+    end
+  else
+    total = ws.weight
+    if total == 0 then
+      state.spread, state.spread_weight = 0, 0
+      return true
+    end
+    before = ws.sum / total
+    if want_z and u > 0 then
+      v = q * total / u
+    end
+    local after = (ws.sum + x * weight) / (total + weight)
+    q = q + weight * (x - before) * (x - after)
+    -- Z^2 - sum w^2 grows by (Z + w)^2 - Z^2 - w^2 = 2 w Z: no cancellation
+    u = u + 2 * weight * total
+    total = total + weight
   end
-  local z = (x - mean) / math.sqrt(v)
-  if finite(z) then
-    return z
+  state.spread, state.spread_weight = q, u
+  if v and v > 0 then
+    local z = (x - before) / math.sqrt(v)
+    if finite(z) then
+      state.z = z
+    end
   end
-  return nil
-end
-
--- One sample into the spread of a decay stream, with the float64 decay d: pandas' recursion
--- for adjust=False, normalised weights (the old ones times d, the new one 1 - d).
-local function spread_by_decay(config, state, x, d)
-  local m = state.mean
-  if m == nil then
-    state.mean, state.spread, state.spread_weight = x, 0, 0
-    return
+  -- the variance reported (codec.py), q / u or q * Z / u, is finite like every number reported
+  if u > 0 then
+    if d then
+      return finite(q / u)
+    end
+    return finite(q * total / u)
   end
-  state.z = z_score(x, m, config, state)
-  local a = 1 - d
-  local delta = x - m
-  state.mean = m + a * delta
-  state.spread = d * (state.spread + a * delta * delta)
-  -- 1 - sum of squared weights, kept as such: no cancellation when it is small
-  state.spread_weight = d * (2 * a + d * state.spread_weight)
-end
-
--- One sample of weight `weight` into the spread of a halflife stream (a weighted Welford
--- step; the main window's sums ws not yet updated).
-local function spread_by_time(config, state, ws, x, weight)
-  local total = ws.weight
-  if total == 0 then
-    state.spread, state.spread_weight = 0, 0
-    return
-  end
-  local before = ws.sum / total
-  state.z = z_score(x, before, config, state)
-  local after = (ws.sum + x * weight) / (total + weight)
-  state.spread = state.spread + weight * (x - before) * (x - after)
-  -- Z^2 - sum w^2 grows by (Z + w)^2 - Z^2 - w^2 = 2 w Z: no cancellation
-  state.spread_weight = state.spread_weight + 2 * weight * total
+  return finite(q)
 end
 
 -- One sample into window i; an error if it overflows.
-local function apply_window(config, state, i, x, steps, at, where)
+local function apply_window(config, state, i, x, steps, at, where, want_z)
   local w, ws = config.windows[i], state.windows[i]
   if w.decay then
     local d = w.decay
     if steps then
       d = math.min(d, (1 + steps) / (10 + steps))
     end
-    if i == 1 and config.spread then
-      spread_by_decay(config, state, x, d)
+    if i == 1 and config.spread and not update_spread(state, x, d, nil, nil, want_z) then
+      return invalid(where .. 'the variance overflows float64')
     end
     local dtype = config.dtype
     if dtype then
@@ -444,8 +457,8 @@ local function apply_window(config, state, i, x, steps, at, where)
     end
   else
     local weight = 2 ^ ((at - state.epoch) / w.halflife)
-    if i == 1 and config.spread then
-      spread_by_time(config, state, ws, x, weight)
+    if i == 1 and config.spread and not update_spread(state, x, nil, weight, ws, want_z) then
+      return invalid(where .. 'the variance overflows float64')
     end
     ws.sum = ws.sum + x * weight
     ws.weight = ws.weight + weight
@@ -454,13 +467,6 @@ local function apply_window(config, state, i, x, steps, at, where)
     end
     if config.rate and not finite(ws.sum * math.log(2) / w.halflife) then
       return invalid(where .. 'the rate overflows float64')
-    end
-  end
-  if i == 1 and config.spread then
-    local v = variance(config, state)
-    if not finite(state.spread) or (v and not finite(v)) or
-        (state.mean and not finite(state.mean)) then
-      return invalid(where .. 'the variance overflows float64')
     end
   end
 end
@@ -483,13 +489,19 @@ local function state_fields(config, state, now)
     add('p', state.product)
   end
   if config.spread then
+    -- %.17g: one format, where exact() may take three and three tonumber
+    local full = '%.17g'
     if state.mean then
-      add('m', state.mean)
+      changes[#changes + 1] = 'm'
+      changes[#changes + 1] = string.format(full, state.mean)
     end
-    add('q', state.spread)
-    add('w', state.spread_weight)
+    changes[#changes + 1] = 'q'
+    changes[#changes + 1] = string.format(full, state.spread)
+    changes[#changes + 1] = 'w'
+    changes[#changes + 1] = string.format(full, state.spread_weight)
     if state.z then
-      add('z', state.z)
+      changes[#changes + 1] = 'z'
+      changes[#changes + 1] = string.format(full, state.z)
     end
   end
   for i, w in ipairs(config.windows) do
@@ -588,9 +600,11 @@ local function push(key, history_key, idempotency_key)
         return invalid(where .. 'the value overflows float32')
       end
     end
+    -- z is reported for the last sample, and for each in the history
+    local want_z = config.history > 0 or j + 2 == #ARGV
     state.z = nil
     for i = 1, #config.windows do
-      local overflow = apply_window(config, state, i, x, steps, at, where)
+      local overflow = apply_window(config, state, i, x, steps, at, where, want_z)
       if overflow then
         return overflow
       end
