@@ -46,6 +46,8 @@ DOCUMENTED = {
     "ema_subscriptions_open": "gauge",
     "ema_stream_value": "gauge",
     "ema_stream_debiased": "gauge",
+    "ema_stream_std": "gauge",
+    "ema_stream_z": "gauge",
     "ema_stream_last": "gauge",
     "ema_stream_updates": "counter",
     "ema_stream_window": "gauge",
