@@ -261,6 +261,15 @@ def test_overview_and_detail_of_every_kind_in_a_real_browser(service: ServicePro
             assert "value + 2\u03c3" in legend
             assert "value \u2212 2\u03c3" in legend
             screenshot(page, "detail-decay")
+            # Replaced by a PUT while watched: the page starts over with it.
+            replaced = httpx.put(f"{base}/v1/streams/ui.loss", json=STREAMS["ui.loss"])
+            assert replaced.status_code == 200
+            text_is(page, numbers.locator('[data-field="count"]'), "0")
+            assert numbers.locator('[data-field="value"]').inner_text() == "0"
+            assert httpx.post(f"{base}/v1/streams/ui.loss/values", json={"value": 2}).is_success
+            text_is(page, numbers.locator('[data-field="count"]'), "1")
+            assert numbers.locator('[data-field="value"]').inner_text() == "1"
+            page.wait_for_function("document.querySelector('#detail').dataset.points === '1'")
 
             # The halflife mean: windows shown, and the 10-minute pause in its history a gap.
             page.goto(f"{base}/?stream=ui.latency")

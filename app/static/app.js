@@ -553,6 +553,9 @@
     }
 
     configure(state) {
+      // A new chart: a stream replaced by a PUT starts over (its count from 0).
+      this.lastCount = null;
+      this.lastTime = null;
       this.config = state.config;
       this.columns = this.layout(state);
       this.data = [[], ...this.columns.map(() => [])];
@@ -771,7 +774,11 @@
     apply(state, asOf) {
       const reconfigured = this.lastCount !== null && state.count < this.lastCount;
       if (!this.config || reconfigured || this.layout(state).length !== this.columns.length) this.configure(state);
-      if (!this.isNew(state.updated_at, state.count)) return;
+      if (!this.isNew(state.updated_at, state.count)) {
+        if (state.count === 0) this.reading = new Reading(state, asOf); // reset: no value yet
+        this.show();
+        return;
+      }
       this.lastCount = state.count;
       this.lastTime = state.updated_at;
       this.reading = new Reading(state, asOf);
