@@ -373,6 +373,7 @@ def test_the_api_key_flow_in_a_real_browser(
                 assert "a valid API key is required" in page.locator("#message").inner_text()
                 assert "a valid API key is required" in page.locator("#key-why").inner_text()
                 assert page.locator("#key-button").inner_text() == "API key: none"
+                assert "until the service answers" in page.locator("#rows").inner_text()
                 no_horizontal_overflow(page)
                 screenshot(page, "api-key-asked")
                 page.fill("#key", reader)

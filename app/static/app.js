@@ -249,6 +249,7 @@
     sparks: new Map(), // name -> [[time, value], ...]
     seeded: new Set(), // names whose sparkline was seeded from history
     truncated: false,
+    loaded: false, // read at least once (since the prefix last changed)
     page: 0,
     generation: 0,
     timer: null,
@@ -316,6 +317,7 @@
     }
     overview.readings = found;
     overview.truncated = truncated;
+    overview.loaded = true;
     renderOverview();
   }
 
@@ -339,7 +341,11 @@
     if (!rows.length) {
       const empty = document.createElement("p");
       empty.className = "empty muted";
-      empty.textContent = prefix ? `No stream starts with "${prefix}".` : "No streams yet: push a value to create one.";
+      if (!overview.loaded) {
+        empty.textContent = overview.failing ? "Nothing to show until the service answers (above)." : "Reading the streams…";
+      } else {
+        empty.textContent = prefix ? `No stream starts with "${prefix}".` : "No streams yet: push a value to create one.";
+      }
       rows.push(empty);
     }
     $("#rows").replaceChildren(...rows);
@@ -440,7 +446,8 @@
       $("#overview").dataset.status = "failing";
       showError(error);
       $("#summary").textContent = error.status === 0 ? "the service does not answer: retrying" : "";
-      for (const row of document.querySelectorAll(".row")) tickRow(row);
+      if (overview.loaded) for (const row of document.querySelectorAll(".row")) tickRow(row);
+      else renderOverview();
       if (error.status === 401 || error.status === 403) return; // until a key is given
     }
     // Many streams: read them less often (each read carries every state).
@@ -460,6 +467,7 @@
     typing = setTimeout(() => {
       setOverviewParams({ prefix, page: 1 });
       overview.readings = new Map();
+      overview.loaded = false;
       pollOverview();
     }, 250);
   });
