@@ -38,6 +38,11 @@ _STREAM_PATH: Final = re.compile(f"/v1/streams/({_NAME})(/values|/history|/event
 _PUBLIC: Final = re.compile(r"/(healthz|readyz|docs|redoc|openapi\.json|static/.*)?")
 
 
+def is_public(path: str) -> bool:
+    """Is `path` served without a key (the probes, the docs, the live page's files)?"""
+    return _PUBLIC.fullmatch(path) is not None
+
+
 class ApiKey(BaseModel):
     """One key's configuration entry."""
 

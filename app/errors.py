@@ -19,8 +19,6 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from app.models import Problem
-
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -138,11 +136,35 @@ async def _unexpected(request: Request, error: Exception) -> Response:
     return problem(500, "internal error; it has been logged", instance=request.url.path)
 
 
+# What each error status means, as the OpenAPI document says it.
+PROBLEM_DESCRIPTIONS: dict[int, str] = {
+    401: "An API key is required (the service has keys configured) and none valid was given; "
+    "comes with `WWW-Authenticate: Bearer`.",
+    403: "The API key does not allow this scope or stream.",
+    404: "The stream does not exist.",
+    408: "The request (head and body) did not arrive within EMA_REQUEST_TIMEOUT seconds; the "
+    "connection is closed.",
+    409: "A sample older than the stream's newest, on a stream that rejects late samples "
+    "(`late: reject`); nothing was applied.",
+    413: "The body is over EMA_MAX_BODY_BYTES.",
+    422: "Invalid input; `errors` says where. Nothing was changed.",
+    431: "The request line and headers are over EMA_MAX_HEADER_BYTES; the connection is closed.",
+    503: "Redis is unavailable, too slow, loading or failing over (or, for an event stream, "
+    "this process serves its maximum of subscriptions); comes with `Retry-After`.",
+}
+
+
+def problem_response(status: int) -> dict[str, Any]:
+    """The OpenAPI response object of an error: a problem+json body."""
+    return {
+        "description": PROBLEM_DESCRIPTIONS[status],
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for a route that can fail with these statuses (and 503, always)."""
-    return {
-        status: {"model": Problem, "content": {PROBLEM_JSON: {}}} for status in (*statuses, 503)
-    }
+    return {status: problem_response(status) for status in (*statuses, 503)}
 
 
 def install(app: FastAPI) -> None:

@@ -17,7 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.typing import EncodableT
 
-from app import __version__, errors
+from app import __version__, errors, openapi
 from app.asgi import BodyLimit, JsonByDefault, PushFastPath
 from app.auth import ApiKeyAuth
 from app.embedded import EmbeddedRedis
@@ -209,8 +209,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,
     )
     app.state.settings = settings
+    openapi.install(app)
     errors.install(app)
     app.include_router(streams.router)
     app.include_router(values.router)

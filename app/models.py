@@ -317,8 +317,13 @@ class WindowState(BaseModel):
         description="Its average (for a rate stream: events per second, as of the response).",
         examples=[4.5],
     )
-    decay: float | None = Field(description="Its decay, if it has one.", examples=[None])
-    halflife: float | None = Field(description="Its halflife, if it has one.", examples=[60.0])
+    # Defaults, so that the schema's examples stay valid: the document leaves out their nulls.
+    decay: float | None = Field(
+        default=None, description="Its decay, if it has one.", examples=[None]
+    )
+    halflife: float | None = Field(
+        default=None, description="Its halflife, if it has one.", examples=[60.0]
+    )
 
 
 class StreamState(BaseModel):

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/streams", tags=["streams"])
 @router.put(
     "/{name}",
     response_model=StreamState,
-    responses={201: {"model": StreamState, "description": "Created"}, **_problems(422)},
+    responses={201: {"model": StreamState, "description": "Created"}, **_problems(413, 422)},
 )
 async def put_stream(
     name: StreamName, config: StreamConfig, store: StoreDep, response: Response
@@ -39,7 +39,7 @@ async def delete_stream(name: StreamName, store: StoreDep) -> None:
     await store.delete(name)
 
 
-@router.post("/{name}/values", responses=_problems(404, 413, 422))
+@router.post("/{name}/values", responses=_problems(404, 409, 413, 422))
 async def push_values(
     name: StreamName,
     push: Push,
