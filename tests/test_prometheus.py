@@ -218,7 +218,12 @@ def scraped(
                         "type": "Bearer",
                         "credentials_file": str(secrets / "metrics-key"),
                     },
-                }
+                },
+                # The same target without the key: the service answers 401.
+                {
+                    "job_name": "ema-without-key",
+                    "static_configs": [{"targets": [service.url.removeprefix("http://")]}],
+                },
             ],
         }
         prometheus = Prometheus(tmp_path / "prometheus", config)
@@ -250,6 +255,14 @@ def test_dashboard_and_rules_evaluate_on_a_real_prometheus(scraped: Prometheus) 
     prometheus = scraped
     up = prometheus.query('up{job="ema"}')
     assert [sample["value"][1] for sample in up] == ["1"], "the scrape with the read key failed"
+    # A scrape refused with 401 is a failed scrape: up is 0, what EmaServiceDown fires on (with
+    # job="ema"; its promtool test shows it firing).
+    refused = prometheus.query('up{job="ema-without-key"}')
+    assert [sample["value"][1] for sample in refused] == ["0"]
+    targets = httpx.get(f"{prometheus.url}/api/v1/targets").json()["data"]["activeTargets"]
+    errors = {t["labels"]["job"]: t["lastError"] for t in targets}
+    assert "401" in errors["ema-without-key"], errors
+    assert errors["ema"] == ""
 
     # The stream picker lists every stream.
     labels = httpx.get(
