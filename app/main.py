@@ -106,15 +106,22 @@ def redis_client(url: str, settings: Settings) -> "Redis | RedisCluster":
         # command, which is how it finds a replica promoted after a failover. A NOSCRIPT from a
         # new primary is answered by loading the script and calling it again (redis-py's
         # Script and StreamStore.push_many): a command refused with NOSCRIPT did not run.
-        return RedisCluster.from_url(
+        cluster = RedisCluster.from_url(
             url,
             **common,
             # A MOVED patches the slot map (a failover's first MOVED moves the whole shard):
             # never the periodic full refresh, which closes every node's connections, and with
             # them the commands in flight on healthy nodes, whose outcome would be unknown.
             reinitialize_steps=0,
-            **({"connection_class": LiveConnection} if url.startswith("redis://") else {}),
         )
+        if url.startswith("redis://"):
+            # The asyncio cluster client takes no connection class: its nodes read it from
+            # the connection kwargs it shares with its nodes manager (the nodes it will
+            # discover), and the startup nodes have theirs already (no connection made yet).
+            cluster.connection_kwargs["connection_class"] = LiveConnection
+            for node in cluster.startup_nodes:
+                node.connection_class = LiveConnection
+        return cluster
     if url.startswith("redis://"):  # TLS and unix sockets keep their own connection classes
         common["connection_class"] = HiredisPackedConnection
     return Redis.from_url(url, **common)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import redis
 
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisCluster, RedisServer
 from tests.utils import make_settings, serve
 
 pytestmark = pytest.mark.anyio
@@ -82,18 +82,17 @@ async def test_blocked_redis_gives_503_after_the_timeout(own_redis: RedisServer)
         assert (await client.get("/v1/streams/cpu")).status_code == 200
 
 
+async def burst(client: httpx.AsyncClient) -> set[int]:
+    """300 pushes at once, over 10 streams: the statuses they got."""
+    pushes = [client.post(f"/v1/streams/s{i % 10}/values", json={"value": 1}) for i in range(300)]
+    return {response.status_code for response in await asyncio.gather(*pushes)}
+
+
 @pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_first_burst_after_a_restart_gets_no_503(own_redis: RedisServer, how: str) -> None:
     # Every pooled connection is dead after a restart; none of the burst's commands reached
     # Redis on one, so none may fail as "may or may not have been applied".
     settings = make_settings(own_redis.url, redis_timeout=2)
-
-    async def burst(client: httpx.AsyncClient) -> set[int]:
-        pushes = [
-            client.post(f"/v1/streams/s{i % 10}/values", json={"value": 1}) for i in range(300)
-        ]
-        return {response.status_code for response in await asyncio.gather(*pushes)}
-
     async for client in serve(settings):
         assert await burst(client) == {200}  # a pool of many connections
         # In a thread, so that the service's event loop runs meanwhile, as it would.
@@ -101,3 +100,24 @@ async def test_first_burst_after_a_restart_gets_no_503(own_redis: RedisServer, h
         assert await burst(client) == {200}
         counts = [(await client.get(f"/v1/streams/s{i}")).json()["count"] for i in range(10)]
         assert counts == [60] * 10  # AOF with fsync always: nothing lost, nothing twice
+
+
+async def test_first_burst_after_a_cluster_restart_gets_no_503(tmp_path: Path) -> None:
+    # The cluster client has no check of its own when it hands out a pooled connection.
+    cluster = RedisCluster(tmp_path).start()
+    try:
+        settings = make_settings(cluster.url, redis_cluster=True, redis_timeout=2)
+
+        def restart() -> None:
+            for node in cluster.nodes:
+                node.kill()
+            for node in cluster.nodes:
+                node.start()
+            cluster.wait_healthy()
+
+        async for client in serve(settings):
+            assert await burst(client) == {200}
+            await asyncio.to_thread(restart)
+            assert await burst(client) == {200}
+    finally:
+        cluster.stop()
