@@ -123,7 +123,8 @@ def state_from_fields(
         debiased = float(fields["b"]) / correction if count and correction else None
     else:
         debiased = None if rate else value
-    variance = None if rate else _variance(fields, config.decay is not None)
+    spread = f"{fields.get('V', ',')},{fields.get('M', ',')}".split(",")
+    variance = None if rate else _variance(spread, fields, config.decay is not None)
     windows = None
     if config.windows:
         windows = {
@@ -144,21 +145,22 @@ def state_from_fields(
         updated_at=_float(fields.get("t")),
         variance=variance,
         std=None if variance is None else math.sqrt(variance),
-        z=_float(fields.get("z")),
+        z=float(spread[3]) if spread[3] else None,
         timestamp=_float(fields.get("E")),
         windows=windows,
         config=config,
     )
 
 
-def _variance(fields: Mapping[str, str], decay: bool) -> float | None:
-    """The bias-corrected variance, as push.lua computes it (the same float64 operations)."""
-    spread, weight = _float(fields.get("q")), _float(fields.get("w"))
-    if spread is None or weight is None or weight <= 0:
+def _variance(spread: list[str], fields: Mapping[str, str], decay: bool) -> float | None:
+    """The bias-corrected variance from the spread fields (q, w, m, z), as push.lua computes it
+    (the same float64 operations)."""
+    if not spread[0] or not spread[1] or float(spread[1]) <= 0:
         return None
+    q, w = float(spread[0]), float(spread[1])
     if decay:
-        return spread / weight
-    return spread * float(fields["Z"]) / weight
+        return q / w
+    return q * float(fields["Z"]) / w
 
 
 def _float(text: str | None) -> float | None:

@@ -8,6 +8,11 @@ above 1 is faster).
 
     .venv/bin/python -m bench.arithmetic                      # single values and batches of 100
     .venv/bin/python -m bench.arithmetic --baseline 03b7e1d   # and the script at that revision
+    .venv/bin/python -m bench.arithmetic --callgrind          # instructions, not time
+
+With --callgrind, redis-server runs under valgrind's callgrind and the table counts the
+instructions Redis executes per call (counters zeroed after a warm-up, dumped after the calls):
+no other process on the machine changes that figure.
 """
 
 import argparse
@@ -15,6 +20,7 @@ import os
 import random
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -22,7 +28,7 @@ import redis
 from app.codec import config_fields, encode_fields, number
 from app.models import StreamConfig
 from app.scripts import load_source
-from bench.servers import RedisServer, stop_all
+from bench.servers import HOST, Group, RedisServer, free_port, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,11 +66,75 @@ def measure(
     return float(stats["usec_per_call"])
 
 
+class CallgrindRedis(Group):
+    """redis-server under callgrind; `instructions` runs calls and counts what Redis executed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        super().__init__(
+            "callgrind redis-server",
+            [
+                "valgrind", "--tool=callgrind",
+                f"--callgrind-out-file={directory}/callgrind.out",
+                "redis-server", "--port", str(self.port), "--bind", HOST,
+                "--dir", str(directory), "--save", "", "--appendonly", "no",
+            ],
+            directory / "callgrind.log",
+        )  # fmt: skip
+        self.dumps = 0
+
+    def client(self) -> "redis.Redis":
+        return redis.Redis(host=HOST, port=self.port, decode_responses=True)
+
+    def wait_ready(self) -> None:
+        RedisServer.wait_ready(self, timeout=60.0)  # type: ignore[arg-type]
+
+    def instructions(self, run: "Callable[[], object]") -> int:
+        subprocess.run(["callgrind_control", "-z", str(self.pgid)], check=True, capture_output=True)
+        run()
+        subprocess.run(["callgrind_control", "-d", str(self.pgid)], check=True, capture_output=True)
+        self.dumps += 1
+        dump = self.directory / f"callgrind.out.{self.dumps}"
+        for line in dump.read_text().splitlines():
+            if line.startswith("totals:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no totals in {dump}")
+
+
+def count(
+    server: CallgrindRedis,
+    client: "redis.Redis",
+    sha: str,
+    fields: dict[str, str],
+    batch: int,
+    calls: int,
+    rng: random.Random,
+) -> float:
+    """Instructions per EVALSHA, in Redis, on a stream warmed up by a few calls."""
+    key = "bench:{s}"
+    client.delete(key, key + ":history")
+    measure(client, sha, key, fields, batch, 3, rng)
+    samples = [
+        [(rng.choice([-1, 1]) * 10 ** rng.uniform(-3, 6), i * batch + k) for k in range(batch)]
+        for i in range(calls)
+    ]
+
+    def run() -> None:
+        pipe = client.pipeline(transaction=False)
+        for chunk in samples:
+            pipe.evalsha(sha, 2, key, key + ":history", *call_args(fields, chunk))
+        pipe.execute()
+
+    return server.instructions(run) / calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", help="also time push.lua as it was at this git revision")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=3000, help="calls per round (single values)")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
     args = parser.parse_args()
 
     scripts = {"now": load_source("push")}
@@ -80,6 +150,9 @@ def main() -> None:
     if args.baseline:
         variants.append(("float64", "baseline"))
 
+    if args.callgrind:
+        callgrind(scripts, variants, args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp))
         try:
@@ -115,6 +188,39 @@ def main() -> None:
                     )
                     best = min(samples)
                     print(f"{label:<34}{batch:>6}{best:>10.2f}{default / best:>12.2f}")
+            client.close()
+        finally:
+            stop_all([server])
+
+
+def callgrind(
+    scripts: dict[str, str], variants: list[tuple[str, str]], args: argparse.Namespace
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = CallgrindRedis(Path(tmp))
+        try:
+            server.wait_ready()
+            client = server.client()
+            shas = {name: client.script_load(source) for name, source in scripts.items()}
+            rng = random.Random(1)
+            print("instructions Redis executes per EVALSHA (callgrind)")
+            print(f"{'stream':<34}{'batch':>6}{'instr/call':>12}{'vs float64':>12}")
+            for batch, calls in [(1, 200), (100, 20)]:
+                counts = {}
+                for arithmetic, script in variants:
+                    config = StreamConfig(decay=0.99, initial=0.0, arithmetic=arithmetic)
+                    counts[(arithmetic, script)] = count(
+                        server, client, shas[script], config_fields(config), batch, calls, rng
+                    )
+                default = counts[("float64", "now")]
+                for (arithmetic, script), instructions in counts.items():
+                    label = arithmetic + (
+                        f" (push.lua at {args.baseline})" if script == "baseline" else ""
+                    )
+                    print(
+                        f"{label:<34}{batch:>6}{instructions:>12,.0f}"
+                        f"{default / instructions:>12.2f}"
+                    )
             client.close()
         finally:
             stop_all([server])

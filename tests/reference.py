@@ -14,6 +14,8 @@ Three arithmetics (`ReferenceEma.arithmetic`):
   dtype, a float32 variable holding each value rounded to float32, and subnormal inputs and
   results flushed to zero as TensorFlow's CPU kernels do.
 
+In every arithmetic the bias-corrected value is computed in float64 with the decay used.
+
 The spread (`exact_decay_spread`, `exact_time_spread`): exponentially weighted variance with
 pandas' bias correction, computed from the weights themselves in 50-digit arithmetic (mpmath).
 """
@@ -110,7 +112,8 @@ class ReferenceEma:
                 self.shadow = x
             else:
                 self.shadow = tensorflow_step(self.shadow, x, one_minus, self.arithmetic)
-            self.zero_started = tensorflow_step(self.zero_started, x, one_minus, self.arithmetic)
+            # not TensorFlow's (zero_debias is off): float64, with the decay TensorFlow used
+            self.zero_started -= (1 - decay) * (self.zero_started - value)
         self.decay_product *= decay
         self.count += 1
         self.last = value

@@ -179,3 +179,16 @@ async def test_a_variance_beyond_float64_is_refused_and_changes_nothing(
     assert response.status_code == 422
     assert "variance overflows" in response.json()["detail"]
     assert snapshot(redis_client) == before
+
+
+async def test_a_stream_with_its_spread_stays_a_listpack(
+    client: httpx.AsyncClient, redis_client: "redis.Redis"
+) -> None:
+    # A hash value over 64 bytes (hash-max-listpack-value) turns the hash into a hashtable,
+    # about four times the memory: every field, the spread's included, stays under it.
+    await client.put("/v1/streams/s", json={"decay": 0.9})
+    tiny = [-1.2345678901234567e-150 * (1 + i / 7) for i in range(20)]
+    await push(client, "s", {"values": tiny})
+    state = await push(client, "s", {"value": -9.876543210987654e-151})
+    assert state["z"] is not None
+    assert redis_client.object("encoding", "test:{s}") == "listpack"

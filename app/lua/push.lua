@@ -24,17 +24,20 @@
 --                  with a decay: v shadow, b zero-started shadow, p product of decays used;
 --                  with a halflife: S, Z weighted value and weight sums, weights relative to E;
 --                  per window: v:<name>, or S:<name> and Z:<name>;
---                  the spread of the samples (not of rate streams): with a decay, m its mean,
---                  q its biased variance, w = 1 - sum of squared weights (weights sum to 1);
+--                  the spread of the samples (not of rate streams) in two fields, V `q,w` and
+--                  M `m,z` (two fields cost far less to write than four, and each value stays
+--                  under the 64 bytes that keep a hash a listpack): with a decay, q the biased
+--                  variance, w = 1 - sum of squared weights (weights sum to 1), m the mean;
 --                  with a halflife, q = sum w (x - S/Z)^2 and w = Z^2 - sum w^2 (relative to
---                  E like S and Z); z the last value's z-score against the spread before it
+--                  E like S and Z), m empty; z the last value's z-score against the spread
+--                  before it, empty when not a finite number
 --
 -- TensorFlow's update:  decay = min(decay, (1 + num_updates) / (10 + num_updates)) when the
 --   sample has num_updates;  shadow -= (1 - decay) * (shadow - value).
--- Arithmetic: by default that update in float64. A = '64' / '32' takes every rounding step
---   TensorFlow 2.21 takes (moving_averages.py): the decay converted to float32, the min with
---   num_updates (cast to float32) in float32, 1 - decay in float32 then cast to the variable's
---   dtype, `(shadow - value) * (1 - decay)` and the subtraction in that dtype (a float32
+-- Arithmetic: by default that update in float64. A = '64' / '32' takes, for the shadows, every
+--   rounding step TensorFlow 2.21 takes (moving_averages.py): the decay converted to float32,
+--   the min with num_updates (cast to float32) in float32, 1 - decay in float32 then cast to the
+--   variable's dtype, `(shadow - value) * (1 - decay)` and the subtraction in that dtype (a float32
 --   variable holds each value rounded to float32), subnormal inputs and results flushed to zero
 --   as its CPU kernels do. A float32 operation is done in float64 and rounded: exact for
 --   + - * / (a double has more than 2 * 24 + 2 bits).
@@ -247,11 +250,15 @@ local function read_state(s, config)
     epoch = s.E and tonumber(s.E),
     biased = tonumber(s.b) or 0,
     product = tonumber(s.p) or 1,
-    mean = s.m and tonumber(s.m),
-    spread = tonumber(s.q) or 0,
-    spread_weight = tonumber(s.w) or 0,
+    spread = 0,
+    spread_weight = 0,
     windows = {},
   }
+  if s.V then
+    local q, w = string.match(s.V, '^([^,]*),(.*)$')
+    state.spread, state.spread_weight = tonumber(q), tonumber(w)
+    state.mean = tonumber(string.match(s.M, '^([^,]*)'))
+  end
   for i, w in ipairs(config.windows) do
     if w.decay then
       state.windows[i] = {shadow = s[w.v] and tonumber(s[w.v])}
@@ -427,19 +434,16 @@ local function apply_window(config, state, i, x, steps, at, where, want_z)
       else
         ws.shadow = held
       end
-      if i == 1 then
-        state.biased = step(state.biased, held, one_minus_decay)
-        d = decay32
-      end
+      d = decay32
+    elseif ws.shadow then
+      ws.shadow = ws.shadow - (1 - d) * (ws.shadow - x)
     else
-      if ws.shadow then
-        ws.shadow = ws.shadow - (1 - d) * (ws.shadow - x)
-      else
-        ws.shadow = x
-      end
-      if i == 1 then
-        state.biased = state.biased - (1 - d) * (state.biased - x)
-      end
+      ws.shadow = x
+    end
+    if i == 1 then
+      -- The bias-corrected value is the service's, not TensorFlow's (zero_debias is off): in
+      -- float64 in every arithmetic, with the decay the update used.
+      state.biased = state.biased - (1 - d) * (state.biased - x)
     end
     if not finite(ws.shadow) then
       return invalid(where .. 'the update overflows float64')
@@ -490,19 +494,17 @@ local function state_fields(config, state, now)
   end
   if config.spread then
     -- %.17g: one format, where exact() may take three and three tonumber
-    local full = '%.17g'
+    local m, z = '', ''
     if state.mean then
-      changes[#changes + 1] = 'm'
-      changes[#changes + 1] = string.format(full, state.mean)
+      m = string.format('%.17g', state.mean)
     end
-    changes[#changes + 1] = 'q'
-    changes[#changes + 1] = string.format(full, state.spread)
-    changes[#changes + 1] = 'w'
-    changes[#changes + 1] = string.format(full, state.spread_weight)
     if state.z then
-      changes[#changes + 1] = 'z'
-      changes[#changes + 1] = string.format(full, state.z)
+      z = string.format('%.17g', state.z)
     end
+    changes[#changes + 1] = 'V'
+    changes[#changes + 1] = string.format('%.17g,%.17g', state.spread, state.spread_weight)
+    changes[#changes + 1] = 'M'
+    changes[#changes + 1] = m .. ',' .. z
   end
   for i, w in ipairs(config.windows) do
     local ws = state.windows[i]
@@ -627,9 +629,6 @@ local function push(key, history_key, idempotency_key)
     redis.call('HSET', key, unpack(fields))
   end
   redis.call('HSET', key, unpack(state_fields(config, state, now)))
-  if s.z and not state.z then
-    redis.call('HDEL', key, 'z')
-  end
   write_history(history_key, config.history, entries)
   if config.ttl then
     redis.call('EXPIRE', key, config.ttl)
