@@ -4,6 +4,9 @@ in app/lua/push.lua, the script that writes them."""
 import math
 import struct
 from collections.abc import Mapping
+from typing import Any
+
+from pydantic_core import to_json
 
 from app.models import StreamConfig, StreamState, Window, WindowState
 
@@ -65,30 +68,31 @@ def decode_fields(text: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in text.split(";") if part)
 
 
-def _config(fields: Mapping[str, str]) -> StreamConfig:
+def _config(fields: Mapping[str, str]) -> dict[str, Any]:
+    """The configuration, as StreamConfig's fields in their order (plain data: see state_data)."""
     windows = []
     for spec in filter(None, fields.get("W", "").split(",")):
         name, _, param = spec.partition(":")
         kind, value = param[0], float(param[1:])
         windows.append(
-            Window.model_construct(
-                name=name,
-                decay=value if kind == "d" else None,
-                halflife=value if kind == "h" else None,
-            )
+            {
+                "name": name,
+                "decay": value if kind == "d" else None,
+                "halflife": value if kind == "h" else None,
+            }
         )
-    return StreamConfig.model_construct(
-        decay=_float(fields.get("d")),
-        halflife=_float(fields.get("H")),
-        kind="rate" if fields.get("k") == "r" else "mean",
-        initial=_float(fields.get("i")),
-        auto_num_updates=fields.get("a") == "1",
-        windows=windows or None,
-        arithmetic=ARITHMETIC_NAME.get(fields.get("A", ""), "float64"),
-        late="reject" if fields.get("L") == "r" else "merge",
-        ttl=int(fields["x"]) if "x" in fields else None,
-        history=int(fields.get("h", 0)),
-    )
+    return {
+        "decay": _float(fields.get("d")),
+        "halflife": _float(fields.get("H")),
+        "kind": "rate" if fields.get("k") == "r" else "mean",
+        "initial": _float(fields.get("i")),
+        "auto_num_updates": fields.get("a") == "1",
+        "windows": windows or None,
+        "arithmetic": ARITHMETIC_NAME.get(fields.get("A", ""), "float64"),
+        "late": "reject" if fields.get("L") == "r" else "merge",
+        "ttl": int(fields["x"]) if "x" in fields else None,
+        "history": int(fields.get("h", 0)),
+    }
 
 
 def _average(
@@ -108,48 +112,74 @@ def _average(
     return total / weight
 
 
-def state_from_fields(
-    name: str, fields: Mapping[str, str], now: float | None = None
-) -> StreamState:
-    """The state of a stream from its hash. `now` (Redis server time) is when a rate stream's
-    rate is reported for; by default, its last update's time."""
+def state_data(name: str, fields: Mapping[str, str], now: float | None = None) -> dict[str, Any]:
+    """The state of a stream from its hash, as StreamState's fields in their order, in plain
+    dicts and lists. `now` (Redis server time) is when a rate stream's rate is reported for; by
+    default, its last update's time.
+
+    Plain data because the hot paths (a push's reply, a GET, an event) serialise it straight to
+    JSON (state_json): building the pydantic models costs more than the rest of a push."""
     config = _config(fields)
     count = int(fields["n"])
-    rate = config.kind == "rate"
+    rate = config["kind"] == "rate"
     at = now if now is not None else _float(fields.get("t")) or 0.0
-    value = _average(fields, "", config.halflife, rate, at)
-    if config.decay is not None:
+    value = _average(fields, "", config["halflife"], rate, at)
+    if config["decay"] is not None:
         correction = 1.0 - float(fields["p"])
         debiased = float(fields["b"]) / correction if count and correction else None
     else:
         debiased = None if rate else value
     spread = f"{fields.get('V', ',')},{fields.get('M', ',')}".split(",")
-    variance = None if rate else _variance(spread, fields, config.decay is not None)
+    variance = None if rate else _variance(spread, fields, config["decay"] is not None)
     windows = None
-    if config.windows:
+    if config["windows"]:
         windows = {
-            w.name: WindowState.model_construct(
-                value=_average(fields, f":{w.name}", w.halflife, rate, at),
-                decay=w.decay,
-                halflife=w.halflife,
-            )
-            for w in config.windows
+            w["name"]: {
+                "value": _average(fields, f":{w['name']}", w["halflife"], rate, at),
+                "decay": w["decay"],
+                "halflife": w["halflife"],
+            }
+            for w in config["windows"]
         }
-    return StreamState.model_construct(
-        name=name,
-        value=value,
-        debiased=debiased,
-        count=count,
-        last=_float(fields.get("l")),
-        decay_used=_float(fields.get("u")),
-        updated_at=_float(fields.get("t")),
-        variance=variance,
-        std=None if variance is None else math.sqrt(variance),
-        z=float(spread[3]) if spread[3] else None,
-        timestamp=_float(fields.get("E")),
-        windows=windows,
-        config=config,
+    return {
+        "name": name,
+        "value": value,
+        "debiased": debiased,
+        "count": count,
+        "last": _float(fields.get("l")),
+        "decay_used": _float(fields.get("u")),
+        "updated_at": _float(fields.get("t")),
+        "variance": variance,
+        "std": None if variance is None else math.sqrt(variance),
+        "z": float(spread[3]) if spread[3] else None,
+        "timestamp": _float(fields.get("E")),
+        "windows": windows,
+        "config": config,
+    }
+
+
+def state_from_fields(
+    name: str, fields: Mapping[str, str], now: float | None = None
+) -> StreamState:
+    """The state of a stream from its hash, as a model (see state_data)."""
+    data = state_data(name, fields, now)
+    config = data["config"]
+    windows = config["windows"]
+    data["config"] = StreamConfig.model_construct(
+        **{**config, "windows": windows and [Window.model_construct(**w) for w in windows]}
     )
+    if data["windows"] is not None:
+        data["windows"] = {
+            label: WindowState.model_construct(**window)
+            for label, window in data["windows"].items()
+        }
+    return StreamState.model_construct(**data)
+
+
+def state_json(name: str, fields: Mapping[str, str], now: float | None = None) -> bytes:
+    """`state_from_fields(name, fields, now).model_dump_json()`, byte for byte, without building
+    the models: pydantic-core's own serializer, on plain data."""
+    return to_json(state_data(name, fields, now), inf_nan_mode="null")
 
 
 def _variance(spread: list[str], fields: Mapping[str, str], decay: bool) -> float | None:

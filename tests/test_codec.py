@@ -1,0 +1,68 @@
+"""The hot paths' JSON (codec.state_json, built without the models) is the models' JSON."""
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from app.codec import config_fields, state_from_fields, state_json
+from app.models import StreamConfig
+
+numbers = st.floats(allow_nan=False, width=64)  # infinities too: an overflowed sum
+positive = st.floats(min_value=1e-3, max_value=1e6)
+windows = st.lists(
+    st.builds(
+        lambda name, decay, halflife: (
+            {"name": name, "decay": decay}
+            if decay is not None
+            else {"name": name, "halflife": halflife}
+        ),
+        st.from_regex(r"[a-z0-9]{1,4}", fullmatch=True),
+        st.none() | st.floats(min_value=0, max_value=1),
+        positive,
+    ),
+    max_size=3,
+    unique_by=lambda w: w["name"],
+)
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> StreamConfig:
+    """Valid configurations of every kind (an invalid combination drawn is discarded)."""
+    halflife = draw(st.none() | positive)
+    body: dict[str, object] = {
+        "kind": draw(st.sampled_from(["mean", "rate"])),
+        "windows": draw(windows) or None,
+        "ttl": draw(st.none() | st.integers(1, 10**6)),
+        "history": draw(st.integers(0, 1000)),
+        "late": draw(st.sampled_from(["merge", "reject"])),
+    }
+    if halflife is None:
+        body |= {"decay": draw(st.floats(0, 1)), "initial": draw(st.none() | st.floats(-1e9, 1e9))}
+    else:
+        body["halflife"] = halflife
+    try:
+        return StreamConfig.model_validate(body)
+    except ValidationError:
+        assume(False)
+        raise
+
+
+@given(configs(), st.integers(0, 10**9), st.data())
+def test_state_json_is_the_models_json(
+    config: StreamConfig, count: int, data: st.DataObject
+) -> None:
+    fields = config_fields(config)
+    fields["n"] = str(count)
+    names = ["", *(f":{w.name}" for w in config.windows or [])]
+    for suffix in names if count else []:
+        for field in ("v", "b", "p", "S", "Z") if suffix == "" else ("v", "S", "Z"):
+            fields[field + suffix] = repr(data.draw(numbers))
+    if count:
+        for field in ("l", "u", "t", "E"):
+            fields[field] = repr(data.draw(numbers.filter(lambda x: abs(x) < 1e12)))
+    now = data.draw(st.none() | st.floats(min_value=0, max_value=2e9))
+    try:
+        expected = state_from_fields("s", fields, now).model_dump_json().encode()
+    except (OverflowError, ZeroDivisionError):  # a rate decayed over an absurd time span
+        return
+    assert state_json("s", fields, now) == expected
