@@ -18,14 +18,13 @@ from redis.backoff import NoBackoff
 from redis.typing import EncodableT
 
 from app import __version__, errors, openapi
-from app.asgi import BodyLimit, JsonByDefault, PushFastPath
+from app.asgi import BodyLimit, Bookkeeping, FastPaths, JsonByDefault
 from app.auth import ApiKeyAuth
 from app.embedded import EmbeddedRedis
 from app.events import AnyClusterNode, EventHub
 from app.keys import KeyLayout
 from app.lifetime import worker_dies_with_supervisor
-from app.logs import RequestLog
-from app.metrics import Metrics, RequestMetrics
+from app.metrics import Metrics
 from app.models import StreamConfig
 from app.routes import events, health, metrics, streams, ui, values
 from app.settings import Settings
@@ -231,17 +230,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added innermost first: the body limit sees every request before anything reads a body.
     app.add_middleware(JsonByDefault)
     if settings.fast_path:
-        app.add_middleware(PushFastPath)
+        app.add_middleware(FastPaths)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_keys:
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
-    if settings.access_log:
-        app.add_middleware(RequestLog)
-    # Outermost: counts every request, those the fast path and the auth layer answer included.
+    # Outermost: counts and logs every request, those the fast paths and the auth layer answer
+    # included.
     app.state.metrics = Metrics(
         stream_prefixes=settings.metrics_prefixes, max_streams=settings.metrics_max_streams
     )
-    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    app.add_middleware(Bookkeeping, metrics=app.state.metrics, access_log=settings.access_log)
     app.state.metrics.precreate_routes(app.routes)
     return app
 

@@ -15,7 +15,6 @@ import platform
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
@@ -27,7 +26,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from app import __version__
 from app.errors import StoreUnavailable
@@ -156,14 +155,21 @@ class Metrics:
             self.redis_errors.labels(kind)
         # Labelled children, looked up once per label set: the push path is benchmarked.
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._routes: RouteMatcher | None = None
 
     # --- the request middleware's and the store's reports -----------------------------------
 
-    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
+    def request_done(self, scope: Scope, status: int, seconds: float) -> None:
+        """An HTTP request was answered (its response started) with `status` after `seconds`."""
+        routes = self._routes
+        if routes is None:
+            # The app's routes, read once: the first request comes after every route was added.
+            routes = self._routes = RouteMatcher(_flat_routes(scope["app"].routes))
+        method = scope["method"]
+        key = (routes(scope["path"]), method if method in _METHODS else "other", status)
         children = self._children.get(key)
         if children is None:
-            labels = (route, method, str(status))
+            labels = (*key[:2], str(status))
             children = self.requests.labels(*labels), self.request_duration.labels(*labels)
             self._children[key] = children
         children[0].inc()
@@ -383,9 +389,6 @@ class RouteMatcher:
         return UNMATCHED
 
 
-_EVENT_STREAM: Final = b"text/event-stream"
-
-
 def _flat_routes(routes: Sequence[BaseRoute]) -> Iterable[object]:
     """Every route, those of included routers too (which recent FastAPI keeps nested)."""
     try:
@@ -393,53 +396,3 @@ def _flat_routes(routes: Sequence[BaseRoute]) -> Iterable[object]:
     except ImportError:  # older FastAPI: included routers' routes are copied into app.routes
         return routes
     return iter_route_contexts(routes)
-
-
-class RequestMetrics:
-    """Outermost ASGI layer: counts and times every HTTP request, including those the push fast
-    path answers without routing, and counts open event streams."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-        self._routes: RouteMatcher | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 0
-        streaming = False
-
-        async def observed_send(message: Message) -> None:
-            nonlocal status, streaming
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                self._done(scope, status, started)
-                for key, value in message.get("headers", ()):
-                    if key == b"content-type" and value.startswith(_EVENT_STREAM):
-                        streaming = True
-                        self.metrics.subscriptions.inc()
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observed_send)
-        finally:
-            if status == 0:  # no response started: the server answers 500 (or nobody listens)
-                self._done(scope, 500, started)
-            if streaming:
-                self.metrics.subscriptions.dec()
-
-    def _done(self, scope: Scope, status: int, started: float) -> None:
-        routes = self._routes
-        if routes is None:
-            # The app's routes, read once: the first request comes after every route was added.
-            routes = self._routes = RouteMatcher(_flat_routes(scope["app"].routes))
-        method = scope["method"]
-        self.metrics.request_done(
-            routes(scope["path"]),
-            method if method in _METHODS else "other",
-            status,
-            time.perf_counter() - started,
-        )

@@ -213,7 +213,17 @@ class StreamStore:
     ) -> tuple[StreamState, bool]:
         """Apply samples (value, num_updates, timestamp) in order, atomically, creating the
         stream if allowed. Returns the new state, and True when it is the stored result of an
-        earlier push with the same idempotency key (which was not applied again).
+        earlier push with the same idempotency key (which was not applied again)."""
+        fields, replayed = await self.push_fields(name, samples, idempotency_key)
+        return state_from_fields(name, fields), replayed
+
+    async def push_fields(
+        self,
+        name: str,
+        samples: Sequence[Triple],
+        idempotency_key: str | None = None,
+    ) -> tuple[dict[str, str], bool]:
+        """`push`, returning the stream's hash fields after it (codec.state_json renders them).
 
         The batch is capped because a Lua script blocks every other client while it runs.
         """
@@ -241,7 +251,7 @@ class StreamStore:
                 self._observer.script_ran(time.perf_counter() - started)
         if self._observer is not None and not replayed:
             self._observer.applied(len(samples))
-        return state_from_fields(name, fields), replayed
+        return fields, replayed
 
     def _idempotency(
         self, name: str, samples: Sequence[Triple], idempotency_key: str | None
@@ -385,6 +395,25 @@ class StreamStore:
         if self._observer is not None and not replayed:
             self._observer.applied(len(push.samples))
         return state_from_fields(push.name, fields), replayed
+
+    async def read(self, name: str) -> tuple[dict[str, str], float | None]:
+        """The stream's hash fields, and Redis server time now for a rate stream (whose rate is
+        reported as of now; None for the others, whose state does not depend on time): what a
+        GET returns, in one HGETALL for most streams."""
+        key = self._layout.stream(name)
+        async with self._errors():
+            fields = cast(dict[str, str], await self._client.hgetall(key))
+            if not fields:
+                raise StreamNotFound(name)
+            if fields.get("k") != "r":
+                return fields, None
+            # A cluster routes TIME by no key: the node of the stream's key reads its clock.
+            now = await (
+                self._client.execute_command("EVAL", "return redis.call('TIME')", 1, key)
+                if isinstance(self._client, RedisCluster)
+                else self._client.time()
+            )
+        return fields, _seconds(now)
 
     async def states(self, names: Sequence[str]) -> list[StreamState]:
         """The states of those of `names` that exist, in one round trip, with rates as of Redis

@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
+from app.codec import state_json
 from app.deps import StoreDep, StreamName
 from app.errors import problem_responses as _problems
 from app.keys import NAME_MAX_LENGTH
@@ -27,10 +28,11 @@ async def put_stream(
     return state
 
 
-@router.get("/{name}", responses=_problems(404, 422))
-async def get_stream(name: StreamName, store: StoreDep) -> StreamState:
+@router.get("/{name}", response_model=StreamState, responses=_problems(404, 422))
+async def get_stream(name: StreamName, store: StoreDep) -> Response:
     """The stream's current state and configuration."""
-    return await store.get(name)
+    # As the fast path answers (app.asgi.FastPaths): the state rendered straight from the hash.
+    return _state_response(name, *await store.read(name))
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=_problems(404, 422))
@@ -39,12 +41,11 @@ async def delete_stream(name: StreamName, store: StoreDep) -> None:
     await store.delete(name)
 
 
-@router.post("/{name}/values", responses=_problems(404, 409, 413, 422))
+@router.post("/{name}/values", response_model=StreamState, responses=_problems(404, 409, 413, 422))
 async def push_values(
     name: StreamName,
     push: Push,
     store: StoreDep,
-    response: Response,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -55,16 +56,17 @@ async def push_values(
             examples=["8c1f0d8e-4d1a-4b7e-9a57-7d2f8f4f6f2a"],
         ),
     ] = None,
-) -> StreamState:
+) -> Response:
     """Apply one value, or a list applied in order, in one atomic update.
 
     A push to a stream that does not exist creates it with the server's default configuration
     (unless EMA_AUTO_CREATE is false). If any value is invalid, nothing is applied.
     """
-    state, replayed = await store.push(name, push.samples(), idempotency_key)
+    fields, replayed = await store.push_fields(name, push.samples(), idempotency_key)
+    reply = _state_response(name, fields)
     if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return state
+        reply.headers["Idempotent-Replayed"] = "true"
+    return reply
 
 
 @router.get("/{name}/history", responses=_problems(404, 422))
@@ -113,3 +115,7 @@ async def list_streams(
     if states:
         page.states, page.time = await store.states_at(page.streams)
     return page
+
+
+def _state_response(name: str, fields: dict[str, str], now: float | None = None) -> Response:
+    return Response(state_json(name, fields, now), media_type="application/json")
