@@ -17,7 +17,13 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.codec import state_json
-from app.errors import InvalidInput, PayloadTooLarge, ServiceError, service_problem
+from app.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    ServiceError,
+    internal_error,
+    service_problem,
+)
 from app.keys import NAME_PATTERN
 from app.logs import log_request, request_id
 from app.metrics import Metrics
@@ -68,8 +74,14 @@ class Bookkeeping:
 
         try:
             await self.app(scope, receive, bookkept_send)
+        except Exception:
+            # Unhandled (the framework answers its own routes' errors, then re-raises): answer
+            # as it does, if nothing was sent yet, and let the server log the traceback.
+            if status == 0:
+                await internal_error(scope["path"])(scope, receive, bookkept_send)
+            raise
         finally:
-            if status == 0:  # no response started: the server answers 500 (or nobody listens)
+            if status == 0:  # no response started: the client went away, or nobody listens
                 self.metrics.request_done(scope, 500, time.perf_counter() - started)
             if streaming:
                 self.metrics.subscriptions.dec()
@@ -88,15 +100,18 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        streamed = False
         for header, value in scope["headers"]:
-            if header == b"content-length" and value.isdigit():
-                if int(value) > self.max_bytes:
-                    response = service_problem(PayloadTooLarge(self.max_bytes), scope["path"])
-                    await response(scope, receive, send)
-                    return
-                # The server delivers no more than the declared length: nothing to watch.
-                await self.app(scope, receive, send)
+            if header == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                response = service_problem(PayloadTooLarge(self.max_bytes), scope["path"])
+                await response(scope, receive, send)
                 return
+            streamed = streamed or header == b"transfer-encoding"
+        if not streamed:
+            # A body of a declared length (the server delivers no more), or none at all: there
+            # is nothing to watch as it arrives.
+            await self.app(scope, receive, send)
+            return
         received = 0
         rejected = False
 

@@ -132,8 +132,13 @@ async def _http_error(request: Request, error: Exception) -> Response:
     )
 
 
+def internal_error(path: str | None) -> Response:
+    """The 500 of an exception nothing handled (the server logs its traceback)."""
+    return problem(500, "internal error; it has been logged", instance=path)
+
+
 async def _unexpected(request: Request, error: Exception) -> Response:
-    return problem(500, "internal error; it has been logged", instance=request.url.path)
+    return internal_error(request.url.path)
 
 
 # What each error status means, as the OpenAPI document says it.
