@@ -358,8 +358,7 @@ class Bench:
         if workload is PUSH:
             jobs.append(self.ceiling_job(workload, PIPELINE))
         jobs += [self.http_job(FLOOR, workload), self.http_job(SERVICE, workload)]
-        if workload is not GET:  # the fast path serves pushes only
-            jobs.append(self.http_job(NO_FAST_PATH, workload))
+        jobs.append(self.http_job(NO_FAST_PATH, workload))
         return jobs
 
     def run(self) -> None:
