@@ -10,14 +10,15 @@ being skipped silently; the same happens to every subscriber when the Pub/Sub co
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
 
-from app.codec import decode_fields, state_from_fields
+from app.codec import decode_fields, state_json
 from app.keys import KeyLayout
 from app.models import StreamState
 
@@ -28,14 +29,28 @@ _RECONNECT_DELAY = 0.5
 
 @dataclass(frozen=True)
 class Update:
-    """One applied update, its state rendered as JSON once for all the subscribers."""
+    """One applied update, rendered once for all the subscribers of the process: the state's
+    JSON, and the event as bytes, as a stream's own subscribers get it (with its count as the
+    event's id) and as a prefix's get it (without)."""
 
     count: int
-    data: str
+    data: bytes
 
     @classmethod
     def of(cls, state: StreamState) -> "Update":
-        return cls(state.count, state.model_dump_json())
+        return cls(state.count, state.model_dump_json().encode())
+
+    @classmethod
+    def from_fields(cls, name: str, fields: Mapping[str, str]) -> "Update":
+        return cls(int(fields["n"]), state_json(name, fields))
+
+    @cached_property
+    def event(self) -> bytes:
+        return b"event: update\ndata: " + self.data + b"\n\n"
+
+    @cached_property
+    def event_with_id(self) -> bytes:
+        return b"id: %d\n" % self.count + self.event
 
 
 @dataclass
@@ -96,6 +111,7 @@ class EventHub:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._last: tuple[str, str, Update] | None = None  # the last announcement rendered
 
     @property
     def count(self) -> int:
@@ -211,14 +227,22 @@ class EventHub:
             return
         if kind not in ("message", "pmessage"):
             return
-        channel = str(message["channel"])
-        fields = decode_fields(str(message["data"]))
+        channel, data = str(message["channel"]), str(message["data"])
         topic = str(message["pattern"]) if kind == "pmessage" else channel
         subscribers = self._subscribers.get(topic)
-        if subscribers:
-            update = Update.of(state_from_fields(self._layout.name_of_channel(channel), fields))
-            for subscription in subscribers:
-                subscription.offer(update)
+        if not subscribers:
+            return
+        # The same announcement comes once per matching subscription (a stream's own and a
+        # prefix's): rendered once.
+        last = self._last
+        if last is not None and last[0] == channel and last[1] == data:
+            update = last[2]
+        else:
+            name = self._layout.name_of_channel(channel)
+            update = Update.from_fields(name, decode_fields(data))
+            self._last = (channel, data, update)
+        for subscription in subscribers:
+            subscription.offer(update)
 
 
 class PubSubSource(Protocol):

@@ -11,7 +11,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.deps import HubDep, SettingsDep, StoreDep, StreamName
 from app.errors import StoreUnavailable, StreamNotFound, problem_responses
-from app.events import EventHub, Lagged, Subscription, SubscriptionLimit, Update
+from app.events import EventHub, Lagged, Subscription, SubscriptionLimit
 from app.keys import NAME_MAX_LENGTH
 from app.models import MAX_COUNT
 from app.store import StreamStore
@@ -19,6 +19,10 @@ from app.store import StreamStore
 router = APIRouter(tags=["events"])
 
 _BURST = 256
+# The least time between two writes to one event stream: under a steady flow of updates each
+# write carries all that arrived meanwhile (for the service and the client alike, fewer and
+# larger writes), while an update after a quiet spell still goes at once.
+_WRITE_INTERVAL = 0.025
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _EVENT_STREAM: dict[int | str, dict[str, Any]] = {
     200: {
@@ -28,16 +32,11 @@ _EVENT_STREAM: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _update(update: Update, with_id: bool) -> str:
-    head = f"id: {update.count}\n" if with_id else ""
-    return f"{head}event: update\ndata: {update.data}\n\n"
+def _lagged(missed: int | None) -> bytes:
+    return f"event: lagged\ndata: {json.dumps({'missed': missed})}\n\n".encode()
 
 
-def _lagged(missed: int | None) -> str:
-    return f"event: lagged\ndata: {json.dumps({'missed': missed})}\n\n"
-
-
-async def _replay(store: StreamStore, name: str, after: int) -> AsyncIterator[tuple[str, int]]:
+async def _replay(store: StreamStore, name: str, after: int) -> AsyncIterator[tuple[bytes, int]]:
     """What a client that saw event `after` missed, from the history: (text, last id).
 
     The history keeps each value's count, main value, raw value and sample time, not the whole
@@ -67,7 +66,7 @@ async def _replay(store: StreamStore, name: str, after: int) -> AsyncIterator[tu
                 "timestamp": entry.time,
                 "replayed": True,
             }
-            yield f"id: {entry.id}\nevent: update\ndata: {json.dumps(data)}\n\n", entry.id
+            yield f"id: {entry.id}\nevent: update\ndata: {json.dumps(data)}\n\n".encode(), entry.id
         since = page.entries[-1].id
     if since < current:
         yield _lagged(current - since), current
@@ -77,15 +76,15 @@ async def _follow(
     subscription: Subscription,
     heartbeat: float,
     with_ids: bool,
-    replay: AsyncIterator[tuple[str, int]] | None,
-) -> AsyncIterator[str]:
-    yield "retry: 1000\n\n"
+    replay: AsyncIterator[tuple[bytes, int]] | None,
+) -> AsyncIterator[bytes]:
+    yield b"retry: 1000\n\n"
     while not subscription.ready.is_set():
         try:
             await asyncio.wait_for(subscription.ready.wait(), heartbeat)
         except TimeoutError:
-            yield ": waiting for Redis\n\n"
-    yield ": subscribed\n\n"
+            yield b": waiting for Redis\n\n"
+    yield b": subscribed\n\n"
     seen = -1
     if replay is not None:
         try:
@@ -94,20 +93,30 @@ async def _follow(
                 seen = replayed
         except StoreUnavailable:
             yield _lagged(None)
+    loop = asyncio.get_running_loop()
+    written = -_WRITE_INTERVAL
+    updates = subscription.updates
     while True:
-        try:
-            first = await asyncio.wait_for(subscription.updates.get(), heartbeat)
-        except TimeoutError:
-            yield ": keep-alive\n\n"
-            continue
+        if updates.empty():
+            try:
+                async with asyncio.timeout(heartbeat):  # no task per update, as wait_for makes
+                    first = await updates.get()
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+        else:
+            first = updates.get_nowait()
+        pause = written + _WRITE_INTERVAL - loop.time()
+        if first is not None and pause > 0:
+            await asyncio.sleep(pause)
         # Whatever else is queued goes in the same write: one send for a burst of updates.
         items = [first]
-        while len(items) < _BURST and not subscription.updates.empty():
-            items.append(subscription.updates.get_nowait())
-        chunk: list[str] = []
+        while len(items) < _BURST and not updates.empty():
+            items.append(updates.get_nowait())
+        chunk: list[bytes] = []
         for item in items:
             if item is None:
-                yield "".join([*chunk, "event: shutdown\ndata: {}\n\n"])
+                yield b"".join([*chunk, b"event: shutdown\ndata: {}\n\n"])
                 return
             if isinstance(item, Lagged):
                 chunk.append(_lagged(item.missed))
@@ -115,16 +124,19 @@ async def _follow(
                 # Counts at most `seen` were replayed already; but a count of 0 announces a
                 # reset (PUT), after which the counts start over.
                 seen = -1 if item.count == 0 else seen
-                chunk.append(_update(item, with_ids))
+                chunk.append(item.event_with_id if with_ids else item.event)
         if chunk:
-            yield "".join(chunk)
+            yield b"".join(chunk)
+            written = loop.time()
 
 
 class _EventStream(StreamingResponse):
     """An event stream that ends its subscription when the response ends, however it ends,
     even if its body never started (the client left first)."""
 
-    def __init__(self, body: AsyncIterator[str], hub: EventHub, subscription: Subscription) -> None:
+    def __init__(
+        self, body: AsyncIterator[bytes], hub: EventHub, subscription: Subscription
+    ) -> None:
         super().__init__(body, media_type="text/event-stream", headers=_SSE_HEADERS)
         self._hub = hub
         self._subscription = subscription
@@ -142,7 +154,7 @@ def _stream(
     *,
     name: str | None = None,
     prefix: str | None = None,
-    replay: AsyncIterator[tuple[str, int]] | None = None,
+    replay: AsyncIterator[tuple[bytes, int]] | None = None,
 ) -> StreamingResponse:
     # Subscribed here, before the 200 is sent: a full hub is a 503, not a broken stream.
     try:
