@@ -35,6 +35,9 @@ def configs(draw: st.DrawFn) -> StreamConfig:
         "ttl": draw(st.none() | st.integers(1, 10**6)),
         "history": draw(st.integers(0, 1000)),
         "late": draw(st.sampled_from(["merge", "reject"])),
+        "arithmetic": draw(
+            st.sampled_from(["float64", "tensorflow-float64", "tensorflow-float32"])
+        ),
     }
     if halflife is None:
         body |= {"decay": draw(st.floats(0, 1)), "initial": draw(st.none() | st.floats(-1e9, 1e9))}
@@ -55,14 +58,17 @@ def test_state_json_is_the_models_json(
     fields["n"] = str(count)
     names = ["", *(f":{w.name}" for w in config.windows or [])]
     for suffix in names if count else []:
-        for field in ("v", "b", "p", "S", "Z") if suffix == "" else ("v", "S", "Z"):
+        for field in ("v", "b", "p", "S", "Z", "z") if suffix == "" else ("v", "S", "Z"):
             fields[field + suffix] = repr(data.draw(numbers))
+    if count:  # the spread's sums are never negative
+        for field in ("q", "w"):
+            fields[field] = repr(data.draw(st.floats(min_value=0)))
     if count:
         for field in ("l", "u", "t", "E"):
             fields[field] = repr(data.draw(numbers.filter(lambda x: abs(x) < 1e12)))
     now = data.draw(st.none() | st.floats(min_value=0, max_value=2e9))
     try:
         expected = state_from_fields("s", fields, now).model_dump_json().encode()
-    except (OverflowError, ZeroDivisionError):  # a rate decayed over an absurd time span
+    except (OverflowError, ZeroDivisionError, ValueError):  # sums no push leaves
         return
     assert state_json("s", fields, now) == expected
