@@ -58,11 +58,12 @@ def test_state_json_is_the_models_json(
     fields["n"] = str(count)
     names = ["", *(f":{w.name}" for w in config.windows or [])]
     for suffix in names if count else []:
-        for field in ("v", "b", "p", "S", "Z", "z") if suffix == "" else ("v", "S", "Z"):
+        for field in ("v", "b", "p", "S", "Z") if suffix == "" else ("v", "S", "Z"):
             fields[field + suffix] = repr(data.draw(numbers))
-    if count:  # the spread's sums are never negative
-        for field in ("q", "w"):
-            fields[field] = repr(data.draw(st.floats(min_value=0)))
+    if count:  # the spread: V is "q,w" (sums, never negative), M is "m,z"
+        q, w = (repr(data.draw(st.floats(min_value=0))) for _ in range(2))
+        m, z = (repr(data.draw(numbers)) for _ in range(2))
+        fields["V"], fields["M"] = f"{q},{w}", f"{m},{z}"
     if count:
         for field in ("l", "u", "t", "E"):
             fields[field] = repr(data.draw(numbers.filter(lambda x: abs(x) < 1e12)))
