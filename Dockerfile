@@ -26,7 +26,9 @@ COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
  && pip install -r requirements.txt
 # Then the package itself (a wheel built from the source and installed, not an editable install);
-# pip and setuptools are not needed to run it.
+# pip and setuptools are not needed to run it. README.md is the package's description: without
+# it the build warns.
+COPY README.md ./
 COPY app ./app
 RUN pip install --no-deps . \
  && pip check \
