@@ -8,8 +8,9 @@ does too.
 
 - A request line and headers over EMA_MAX_HEADER_BYTES: 431, and the connection is closed.
 - A request (head and body) not received within EMA_REQUEST_TIMEOUT seconds of its first byte
-  (or of the connection, for its first request): 408, and the connection is closed. An idle
-  keep-alive connection is closed after uvicorn's keep-alive timeout (5 s).
+  (or of the connection, for its first request): 408, and the connection is closed; a new
+  connection that sent nothing in that time is closed without an answer. An idle keep-alive
+  connection is closed after uvicorn's keep-alive timeout (5 s).
 """
 
 import asyncio
@@ -116,6 +117,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        if self._in_head and self._head_bytes == 0:
+            # Nothing sent yet: no request to answer. A client that opened a connection in
+            # advance would otherwise read this 408 as the answer to its next request.
+            self._refused = True
+            self.transport.close()
+            return
         detail = f"the request was not received within {self._timeout:g} seconds"
         self._refuse(HTTPStatus.REQUEST_TIMEOUT, detail)
 

@@ -83,7 +83,6 @@ def test_headers_under_the_limit_are_served(service: ServiceProcess) -> None:
 @pytest.mark.parametrize(
     "parts",
     [
-        pytest.param([], id="nothing"),
         pytest.param(SLOWLORIS, id="slowloris"),
         pytest.param(
             [b"POST /v1/streams/slow/values HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
@@ -100,6 +99,14 @@ def test_a_request_not_sent_in_time_is_408_and_closed(
     assert problem_status(response) == status(response) == 408
     assert time.monotonic() - started < 10 * TIMEOUT + len(parts) * 0.3
     assert httpx.get(f"{service.url}/v1/streams/slow").status_code == 404  # nothing applied
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(
+    service: ServiceProcess,
+) -> None:
+    started = time.monotonic()
+    assert exchange(service.port) == b""
+    assert time.monotonic() - started < 10 * TIMEOUT
 
 
 def test_slow_clients_in_numbers_are_all_closed(service: ServiceProcess) -> None:
