@@ -392,9 +392,10 @@
   }
 
   function drawSpark(row, name) {
-    const points = [...(overview.sparks.get(name) || [])];
     const reading = overview.readings.get(name);
-    if (reading && isRate(reading.state.config) && points.length) {
+    if (!reading) return; // no longer listed (the prefix changed): its row goes at the next read
+    const points = [...(overview.sparks.get(name) || [])];
+    if (isRate(reading.state.config) && points.length) {
       const now = serverNow();
       points.push([now, reading.value(now)]); // decaying to now
     }
