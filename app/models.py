@@ -116,26 +116,51 @@ def _exactly_one(
 
 def _stream_config_schema(schema: dict[str, Any]) -> None:
     """The rules StreamConfig's validator enforces across fields, in JSON Schema: a decay or a
-    halflife; initial and auto_num_updates only with a decay; a rate only with a halflife, and
-    its windows with halflives. (That window names are distinct, JSON Schema cannot say.)"""
+    halflife; initial, auto_num_updates and a TensorFlow arithmetic only with a decay; a rate only
+    with a halflife, and its windows with halflives; with tensorflow-float32, an initial value
+    within float32's range. (That window names are distinct, JSON Schema cannot say.)"""
     _exactly_one("decay", "halflife")(schema)
     with_decay, with_halflife = schema["oneOf"]
     with_decay["properties"]["kind"] = {"not": {"const": "rate"}}
     with_halflife["properties"] |= {
         "initial": {"type": "null"},
         "auto_num_updates": {"not": {"const": True}},
+        "arithmetic": {"const": "float64"},
     }
-    schema["if"] = {"required": ["kind"], "properties": {"kind": {"const": "rate"}}}
-    schema["then"] = {
-        "properties": {
-            "windows": {
-                "anyOf": [
-                    {"type": "null"},
-                    {"type": "array", "items": {"properties": {"decay": {"type": "null"}}}},
-                ]
+    rate_windows = {
+        "if": {"required": ["kind"], "properties": {"kind": {"const": "rate"}}},
+        "then": {
+            "properties": {
+                "windows": {
+                    "anyOf": [
+                        {"type": "null"},
+                        {"type": "array", "items": {"properties": {"decay": {"type": "null"}}}},
+                    ]
+                }
             }
-        }
+        },
     }
+    float32_initial = {
+        "if": {
+            "required": ["arithmetic"],
+            "properties": {"arithmetic": {"const": "tensorflow-float32"}},
+        },
+        "then": {
+            "properties": {
+                "initial": {
+                    "anyOf": [
+                        {"type": "null"},
+                        {
+                            "type": "number",
+                            "exclusiveMinimum": -FLOAT32_LIMIT,
+                            "exclusiveMaximum": FLOAT32_LIMIT,
+                        },
+                    ]
+                }
+            }
+        },
+    }
+    schema["allOf"] = [rate_windows, float32_initial]
 
 
 class Window(Model):
@@ -338,15 +363,17 @@ class StreamState(BaseModel):
     )
     debiased: float | None = Field(
         description="The bias-corrected average: a zero-started shadow divided by 1 minus the "
-        "product of the decays used so far (Adam-style); a halflife mean is its own. Null before "
-        "the first value, while every decay used was 1, and for rate streams.",
+        "product of the decays used so far (Adam-style), in float64 in every arithmetic; a "
+        "halflife mean is its own. Null before the first value, while every decay used was 1, and "
+        "for rate streams.",
         examples=[5.0],
     )
     count: int = Field(description="Updates applied so far.", examples=[2])
     last: float | None = Field(description="The last raw value pushed.", examples=[10.0])
     decay_used: float | None = Field(
-        description="The decay the last update used; with a halflife, the factor it applied to "
-        "older samples' weights (1 for a late sample).",
+        description="The decay the last update used (in the TensorFlow arithmetics the float32 "
+        "decay TensorFlow used, e.g. 0.9900000095367432); with a halflife, the factor it applied "
+        "to older samples' weights (1 for a late sample).",
         examples=[0.99],
     )
     updated_at: float | None = Field(

