@@ -154,7 +154,8 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             port = self._recorded_port()
-            if port is not None and _answers(port):
+            # Its server, not whatever now listens on a port a stale file names.
+            if port is not None and _serves_folder(port, self.data_dir):
                 self.port = port
                 return
             time.sleep(0.05)
@@ -217,6 +218,18 @@ def _answers(port: int) -> bool:
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def _serves_folder(port: int, data_dir: Path) -> bool:
+    """Does a redis-server with its data in `data_dir` answer on `port`?"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n$3\r\ndir\r\n")
+            reply = sock.recv(4096)
+    except OSError:
+        return False
+    # *2 $3 dir $<n> <path>: the path is the reply's last line.
+    return reply.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1] == str(data_dir).encode()
 
 
 def _port_free(port: int) -> bool:
