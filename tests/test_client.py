@@ -537,6 +537,18 @@ def test_subscribe_reconnects_with_last_event_id(
 
 
 @needs_events
+def test_subscribe_from_an_id_replays_the_history(ema: Client, name: str) -> None:
+    ema.create(name, decay=0.5, history=10)
+    ema.push_many(name, [Sample(1.0, timestamp=1000.0), Sample(2.0, timestamp=1001.0)])
+    ema.push_many(name, [Sample(3.0, timestamp=1002.0)])
+    with ema.subscribe(name, last_event_id="1", idle_timeout=3, max_reconnects=0) as events:
+        replayed = [next(iter(events)), next(iter(events))]
+    assert all(isinstance(event, Update) and event.replayed for event in replayed)
+    updates = [event for event in replayed if isinstance(event, Update)]
+    assert [(u.count, u.last, u.timestamp) for u in updates] == [(2, 2.0, 1001.0), (3, 3.0, 1002.0)]
+
+
+@needs_events
 @pytest.mark.anyio
 async def test_async_subscribe_yields_updates(service: ServiceProcess, name: str) -> None:
     async with AsyncClient(service.url, retry=FAST) as ema:

@@ -316,8 +316,12 @@ class Update(_Reply):
     last: float | None = None
     count: int
     updated_at: float | None = None
+    timestamp: float | None = None
     std: float | None = None
     z: float | None = None
+    # Replayed from the history after a reconnection: it carries the fields above that the
+    # history keeps (`timestamp` is the sample's time), not the whole state.
+    replayed: bool = False
 
 
 class Lagged(_Reply):
