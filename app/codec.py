@@ -2,13 +2,14 @@
 in app/lua/push.lua, the script that writes them."""
 
 import math
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic_core import to_json
 
-from app.models import StreamConfig, StreamState, Window, WindowState
+from app.models import HistoryEntry, StreamConfig, StreamState, Window, WindowState
 
 
 def number(x: float) -> str:
@@ -28,10 +29,14 @@ ARITHMETIC_NAME = {field: name for name, field in ARITHMETIC_FIELD.items()}
 
 def config_fields(config: StreamConfig) -> dict[str, str]:
     """The hash of a new stream with this configuration, before any value."""
-    fields = {"n": "0", "h": str(config.history)}
+    # a=0 and h=0 are the defaults, left out: every byte counts at a million streams
+    fields = {"n": "0"}
+    if config.history:
+        fields["h"] = str(config.history)
     if config.decay is not None:
         fields |= {"d": number(config.decay), "b": "0", "p": "1"}
-        fields["a"] = "1" if config.auto_num_updates else "0"
+        if config.auto_num_updates:
+            fields["a"] = "1"
         if config.initial is not None:
             fields["i"] = fields["v"] = number(config.initial)
             if config.arithmetic == "tensorflow-float32":
@@ -64,8 +69,73 @@ def encode_fields(fields: Mapping[str, str]) -> str:
 
 
 def decode_fields(text: str) -> dict[str, str]:
-    """The inverse of encode_fields: push.lua's announcements are written so."""
-    return dict(part.split("=", 1) for part in text.split(";") if part)
+    """The inverse of encode_fields, and push.lua's replies and announcements, written so with
+    the packed state `s` last (binary: everything after the first `;s=`)."""
+    head, found, state = text.partition(";s=")
+    fields = dict(part.split("=", 1) for part in head.split(";") if part)
+    if found:
+        fields["s"] = state
+    return fields
+
+
+def unpacked(fields: Mapping[str, str | bytes]) -> dict[str, str]:
+    """The hash with its packed state `s` (see push.lua's header; stored in chunks s, s1, ...)
+    as the text fields it stands for, the spread as V `q,w` and M `m,z`. A client reads `s` as
+    text decoded with errors="surrogateescape", which gives back its bytes unchanged."""
+    text = {k: v for k, v in fields.items() if isinstance(v, str) and not _CHUNK.match(k)}
+    if "s" not in fields:
+        return text
+    chunks = [fields["s"]]
+    while (chunk := fields.get(f"s{len(chunks)}")) is not None:
+        chunks.append(chunk)
+    data = b"".join(
+        c if isinstance(c, bytes) else c.encode("utf-8", "surrogateescape") for c in chunks
+    )
+    numbers = struct.unpack(f"<{len(data) // 8}d", data)
+    config = _config(text)
+    decay = config["decay"] is not None
+    spread = config["kind"] != "rate"
+    names = ["b", "p"] if decay else []
+    if spread:
+        names += ["q", "w", "z"]
+    for suffix, halflife in [("", config["halflife"])] + [
+        (f":{w['name']}", w["halflife"]) for w in config["windows"] or ()
+    ]:
+        names += ["v" + suffix] if halflife is None else ["S" + suffix, "Z" + suffix]
+    names += ["t", "l", "u", "E", "m"]
+    values = {name: repr(x) for name, x in zip(names, numbers, strict=False)}
+    # left out when they equal their default (and every one after them does)
+    values.setdefault("u", text["d"] if decay else "1")
+    values.setdefault("E", values["t"])
+    if spread:
+        z = values.pop("z")
+        mean = values.pop("m", values["v"] if decay else "")
+        text["V"] = f"{values.pop('q')},{values.pop('w')}"
+        text["M"] = f"{mean},{'' if z == 'nan' else z}"
+    return text | values
+
+
+_CHUNK = re.compile(r"s\d*\Z")
+
+
+def history_entry(entry_id: str, fields: Mapping[str, str]) -> HistoryEntry:
+    """A history entry: its fields packed in `p` (see push.lua's header), or as the decimal
+    text fields of an entry written before (t, l, v, and s and z when defined)."""
+    if "p" in fields:
+        data = fields["p"].encode("utf-8", "surrogateescape")
+        t, raw, value, *spread = struct.unpack(f"<{len(data) // 8}d", data)
+        std, z = [*spread, math.nan, math.nan][:2]
+    else:
+        t, raw, value = float(fields["t"]), float(fields["l"]), float(fields["v"])
+        std, z = float(fields.get("s", "nan")), float(fields.get("z", "nan"))
+    return HistoryEntry(
+        id=int(entry_id.split("-")[0]),
+        time=t,
+        raw=raw,
+        value=value,
+        std=None if math.isnan(std) else std,
+        z=None if math.isnan(z) else z,
+    )
 
 
 def _config(fields: Mapping[str, str]) -> dict[str, Any]:
@@ -119,6 +189,7 @@ def state_data(name: str, fields: Mapping[str, str], now: float | None = None) -
 
     Plain data because the hot paths (a push's reply, a GET, an event) serialise it straight to
     JSON (state_json): building the pydantic models costs more than the rest of a push."""
+    fields = unpacked(fields)
     config = _config(fields)
     count = int(fields["n"])
     rate = config["kind"] == "rate"

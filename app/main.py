@@ -94,6 +94,9 @@ def redis_client(url: str, settings: Settings) -> "Redis | RedisCluster":
     # push would apply it twice. The client gets a 503 instead and decides.
     common: dict[str, Any] = {
         "decode_responses": True,
+        # A stream's packed state (push.lua's `s`) is binary: decoded so, it comes back as its
+        # own bytes with .encode("utf-8", "surrogateescape") (app.codec.unpacked).
+        "encoding_errors": "surrogateescape",
         "socket_timeout": settings.redis_timeout,
         "socket_connect_timeout": settings.redis_timeout,
         "retry": Retry(NoBackoff(), 0),

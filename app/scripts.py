@@ -12,7 +12,7 @@ from typing import cast
 
 from redis.asyncio import Redis, RedisCluster
 
-from app.codec import encode_fields, number
+from app.codec import decode_fields, encode_fields, number
 from app.models import Triple
 
 
@@ -94,8 +94,12 @@ class Scripts:
         return all_keys, args
 
 
+_REPLAYED = "replayed\n"
+
+
 def push_reply(reply: object) -> tuple[dict[str, str], bool]:
-    """The stream's hash fields from a push's reply, and whether it was an idempotent replay."""
-    listed = cast(list[str], reply)
-    fields = dict(zip(listed[:-1:2], listed[1:-1:2], strict=True))
-    return fields, listed[-1] == "1"
+    """The stream's hash fields from a push's reply (see push.lua's header), and whether it was
+    an idempotent replay."""
+    text = cast(str, reply)
+    replayed = text.startswith(_REPLAYED)
+    return decode_fields(text.removeprefix(_REPLAYED)), replayed

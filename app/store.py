@@ -19,10 +19,10 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 
-from app.codec import config_fields, encode_fields, number, state_from_fields
+from app.codec import config_fields, encode_fields, history_entry, number, state_from_fields
 from app.errors import InvalidInput, LateSample, ServiceError, StoreUnavailable, StreamNotFound
 from app.keys import NAME_PATTERN, KeyLayout
-from app.models import HistoryEntry, HistoryPage, StreamConfig, StreamPage, StreamState, Triple
+from app.models import HistoryPage, StreamConfig, StreamPage, StreamState, Triple
 from app.scripts import Idempotency, Scripts, push_reply
 
 # Replies that mean "Redis cannot serve this right now": worth a 503 and a retry, never a 500.
@@ -444,17 +444,7 @@ class StreamStore:
             exists, entries = await pipe.execute()
         if not exists:
             raise StreamNotFound(name)
-        page = [
-            HistoryEntry(
-                id=int(entry_id.split("-")[0]),
-                time=float(fields["t"]),
-                raw=float(fields["l"]),
-                value=float(fields["v"]),
-                std=float(fields["s"]) if "s" in fields else None,
-                z=float(fields["z"]) if "z" in fields else None,
-            )
-            for entry_id, fields in entries
-        ]
+        page = [history_entry(entry_id, fields) for entry_id, fields in entries]
         more = len(page) == limit
         return HistoryPage(entries=page, next_since=page[-1].id if more else None)
 

@@ -81,8 +81,11 @@ class Floor:
             reply = await self._call(*command, *args)
         except ResponseError as error:
             return 422, {"detail": str(error)}
-        if not self.fields:  # push.lua's reply: the hash as field, value, ..., then a flag
-            return 200, {"name": name, **dict(zip(reply[:-1:2], reply[1:-1:2], strict=True))}
+        if not self.fields:  # push.lua's reply: `f=v;...;s=<packed state>`
+            head, _, state = reply.removeprefix("replayed\n").partition(";s=")
+            fields = dict(part.split("=", 1) for part in head.split(";"))
+            packed = state.encode("utf-8", "surrogateescape").hex()
+            return 200, {"name": name, **fields, "s": packed}
         return 200, {"name": name, **dict(zip(self.fields, reply, strict=False))}
 
     async def _get(self, name: str) -> tuple[int, dict[str, Any]]:
@@ -115,6 +118,7 @@ class Floor:
                     self.client = Redis.from_url(
                         os.environ["REDIS_URL"],
                         decode_responses=True,
+                        encoding_errors="surrogateescape",  # as the service: push.lua's `s`
                         max_connections=512,
                         connection_class=HiredisPackedConnection,
                     )

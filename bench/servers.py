@@ -114,7 +114,9 @@ class RedisServer(Group):
         return f"redis://{HOST}:{self.port}/0"
 
     def client(self) -> "redis.Redis":
-        return redis.Redis(host=HOST, port=self.port, decode_responses=True)
+        return redis.Redis(
+            host=HOST, port=self.port, decode_responses=True, encoding_errors="surrogateescape"
+        )
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -33,7 +33,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> "redis.Redis":
-        return redis.Redis(port=self.port, decode_responses=True)
+        return redis.Redis(port=self.port, decode_responses=True, encoding_errors="surrogateescape")
 
     def start(self) -> "RedisServer":
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,10 @@ class RedisCluster:
 
     def client(self) -> ClusterClient:
         return ClusterClient(
-            host="127.0.0.1", port=self.live_nodes()[0].port, decode_responses=True
+            host="127.0.0.1",
+            port=self.live_nodes()[0].port,
+            decode_responses=True,
+            encoding_errors="surrogateescape",
         )
 
     def live_nodes(self) -> list[RedisServer]:

@@ -2,6 +2,7 @@
 
 import math
 import re
+import struct
 
 import httpx
 import pytest
@@ -168,8 +169,18 @@ async def test_stream_state_is_stored_under_the_documented_key(
     stored = redis_client.hgetall("test:{a.b:c-d_e}")
     assert float(stored["d"]) == 0.25
     assert float(stored["i"]) == 3.0
-    assert float(stored["l"]) == 7.0
     assert stored["n"] == "1"
+    # s, s1 pack b, p, q, w, z, v, t, l, then u, E and m (u and m differ from their defaults,
+    # the decay and v), 64 bytes a field at most, as push.lua documents
+    assert sorted(stored) == ["d", "i", "n", "s", "s1"]
+    data = (stored["s"] + stored["s1"]).encode("utf-8", "surrogateescape")
+    biased, product, spread, weight, z, shadow, t, last, used, epoch, mean = struct.unpack(
+        "<11d", data
+    )
+    assert (last, used, product, mean, epoch) == (7.0, 2 / 11, 2 / 11, 7.0, t)
+    assert shadow == 3.0 - (1 - 2 / 11) * (3.0 - 7.0)
+    assert biased == 7.0 * (1 - 2 / 11)
+    assert (spread, weight, math.isnan(z)) == (0.0, 0.0, True)
     assert redis_client.keys("*") == ["test:{a.b:c-d_e}"]
 
 

@@ -9,7 +9,9 @@ import httpx
 import pytest
 import redis
 
-from app.scripts import load_source
+from app.codec import unpacked
+from app.scripts import load_source, push_reply
+from tests.reference import ReferenceEma
 from tests.utils import snapshot
 
 KEY = "test:{s}"
@@ -19,9 +21,9 @@ CREATE = ["1", "d=0.5;n=0;b=0;p=1;a=0;h=0", "", "0", "", "3600"]
 
 
 def run(client: "redis.Redis", *args: str) -> dict[str, str]:
-    reply: list[str] = client.eval(load_source("push"), 2, KEY, HISTORY, *args)
-    assert reply[-1] == "0"
-    return dict(zip(reply[:-1:2], reply[1:-1:2], strict=True))
+    fields, replayed = push_reply(client.eval(load_source("push"), 2, KEY, HISTORY, *args))
+    assert not replayed
+    return unpacked(fields)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,14 @@ def test_script_needs_pairs(redis_client: "redis.Redis") -> None:
             run(redis_client, *args)
 
 
+def stored_state(client: "redis.Redis") -> bytes:
+    """The stream's packed state as bytes: `s`, then `s1`, `s2`, ... (64 bytes each at most)."""
+    fields = client.hgetall(KEY)
+    chunks = [fields[name] for name in ["s"] + [f"s{i}" for i in range(1, 9)] if name in fields]
+    assert all(len(c.encode("utf-8", "surrogateescape")) <= 64 for c in chunks)
+    return "".join(chunks).encode("utf-8", "surrogateescape")
+
+
 def random_double(rng: random.Random) -> float:
     while True:
         (x,) = struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))
@@ -72,10 +82,13 @@ def test_numbers_round_trip_bit_for_bit(redis_client: "redis.Redis") -> None:
     for value in values:
         redis_client.delete(KEY)
         reply = run(redis_client, *CREATE, repr(value), "", repr(abs(value) % 1e9))
-        stored = redis_client.hmget(KEY, "v", "l")
-        for text in (reply["v"], reply["l"], *stored):
-            assert text is not None
+        for text in (reply["v"], reply["l"]):
             assert struct.pack("<d", float(text)) == struct.pack("<d", value)
+        # s packs t, l, u, b, p, v, then E (a timestamp: it differs from t)
+        # b, p, q, w, z, v, t, l, then u (the decay) and E (a timestamp: it differs from t)
+        packed = stored_state(redis_client)
+        assert len(packed) == 10 * 8
+        assert packed[40:48] == packed[56:64] == struct.pack("<d", value)
         assert float(reply["E"]) == abs(value) % 1e9
 
 
@@ -92,3 +105,49 @@ async def test_push_survives_an_emptied_script_cache(
     assert response.status_code == 200
     assert response.json()["count"] == 2
     assert redis_client.script_exists(sha) == [True]
+
+
+def test_a_stream_in_the_text_layout_is_read_and_rewritten_packed(
+    redis_client: "redis.Redis",
+) -> None:
+    # Written with raw HSETs exactly as push.lua did before the packed state `s` existed: state
+    # as shortest-decimal text fields. The next push reads them, applies, and leaves `s` alone.
+    main, fast = ReferenceEma(0.9), ReferenceEma(0.5)
+    for value in (3.25, 1 / 3):
+        main.push(value)
+        fast.push(value)
+    assert main.shadow is not None
+    assert fast.shadow is not None
+    old = {
+        "n": "2", "h": "0", "d": "0.9", "b": repr(main.zero_started), "p": repr(main.decay_product),
+        "a": "0", "W": "fast:d0.5", "v": repr(main.shadow), "v:fast": repr(fast.shadow),
+        "u": repr(main.decay_used), "l": repr(1 / 3), "t": "1764000000.25", "E": "1764000000.25",
+    }  # fmt: skip
+    redis_client.hset(KEY, mapping=old)
+    main.push(0.1)
+    fast.push(0.1)
+    fields = run(redis_client, *CREATE, "0.1", "", "")
+    assert float(fields["v"]) == main.shadow
+    assert float(fields["v:fast"]) == fast.shadow
+    assert (float(fields["b"]), float(fields["p"])) == (main.zero_started, main.decay_product)
+    assert (fields["n"], float(fields["l"]), float(fields["u"])) == ("3", 0.1, 0.9)
+    assert sorted(redis_client.hkeys(KEY)) == ["W", "a", "d", "h", "n", "s", "s1"]
+    # b p q w z v v:fast t l, and u E m: the spread starts with this push, m differs from v
+    assert len(stored_state(redis_client)) == 12 * 8
+    assert float(run(redis_client, *CREATE, "0.2", "", "")["v"]) == main.shadow - 0.1 * (
+        main.shadow - 0.2
+    )
+
+
+def test_a_halflife_stream_in_the_text_layout_is_read_and_rewritten_packed(
+    redis_client: "redis.Redis",
+) -> None:
+    old = {"n": "1", "h": "0", "H": "60", "S": "2.5", "Z": "1", "u": "1", "l": "2.5",
+           "t": "1764000000.5", "E": "1764000000"}  # fmt: skip
+    redis_client.hset(KEY, mapping=old)
+    fields = run(redis_client, *CREATE, "4", "", "1764000030")
+    shrink = 2 ** ((1764000000 - 1764000030) / 60)
+    assert (float(fields["S"]), float(fields["Z"])) == (2.5 * shrink + 4.0, shrink + 1.0)
+    assert (float(fields["E"]), float(fields["u"])) == (1764000030.0, shrink)
+    assert sorted(redis_client.hkeys(KEY)) == ["H", "h", "n", "s", "s1"]
+    assert len(stored_state(redis_client)) == 9 * 8  # q w z S Z t l u E

@@ -11,33 +11,43 @@
 -- ARGV[6]  how far in the future (seconds, by Redis server time) a timestamp may be
 -- ARGV[7..] triples (value, num_updates, timestamp); '' where the sample has none
 --
--- Numbers cross as decimal strings that round-trip float64 exactly: a Lua number returned to
--- Redis is truncated to an integer, and tostring keeps only 14 digits.
+-- Numbers cross as decimal strings that round-trip float64 exactly (a Lua number returned to
+-- Redis is truncated to an integer, and tostring keeps only 14 digits), or packed as float64s.
 --
 -- Hash fields (short, to keep a stream small):
---   configuration  d decay | H halflife (seconds), i initial, a auto_num_updates, h history cap,
---                  k kind ('r': rate), L late samples ('r': reject), x ttl (seconds),
---                  W windows, `name:d0.9,name:h60`, A arithmetic of the decay averages
---                  (absent: float64; '64', '32': TensorFlow on a float64 or float32 variable)
---   state          n count, l last raw value, u decay used by the last update, t updated_at
---                  (Redis server time), E newest sample time;
---                  with a decay: v shadow, b zero-started shadow, p product of decays used;
---                  with a halflife: S, Z weighted value and weight sums, weights relative to E;
---                  per window: v:<name>, or S:<name> and Z:<name>;
---                  the spread of the samples (not of rate streams) in two fields, V `q,w` and
---                  M `m,z` (two fields cost far less to write than four, and each value stays
---                  under the 64 bytes that keep a hash a listpack): with a decay, q the biased
---                  variance, w = 1 - sum of squared weights (weights sum to 1), m the mean;
---                  with a halflife, q = sum w (x - S/Z)^2 and w = Z^2 - sum w^2 (relative to
---                  E like S and Z), m empty; z the last value's z-score against the spread
---                  before it, empty when not a finite number
+--   configuration  decimal text: d decay | H halflife (seconds), i initial, a auto_num_updates
+--                  ('1'; absent: off), h history cap (absent: 0), k kind ('r': rate), L late
+--                  samples ('r': reject), x ttl (seconds), W windows, `name:d0.9,name:h60`,
+--                  A arithmetic of the decay averages (absent: float64; '64', '32': TensorFlow
+--                  on a float64 or float32 variable)
+--   n              the count, an integer
+--   s              the state, packed little-endian (struct '<d': float64s, bit for bit), in order:
+--                  with a decay b zero-started shadow, p product of decays used; unless a rate,
+--                  the spread's q, w, z (below; z NaN when there is none); per window, the main
+--                  value first, then W's: v its shadow, or with a halflife S, Z its weighted
+--                  value and weight sums (weights relative to E); t updated_at (Redis server
+--                  time), l last raw value; then u decay used by the last update (default: the
+--                  decay, or 1 with a halflife), E newest sample time (default: t), m the
+--                  spread's mean (default: v), as many of these three as needed for the last
+--                  one that differs from its default. Split in fields of at most 64 bytes, s,
+--                  s1, s2, ... (a longer value would turn the hash from a listpack into a
+--                  hashtable, several times larger): a fixed-decay stream pushed without
+--                  num_updates, timestamps or initial holds 8 doubles, one field of 64 bytes.
+--   the spread of the samples (not of rate streams): with a decay, m its mean, q its biased
+--   variance, w = 1 - sum of squared weights (weights sum to 1); with a halflife, q = sum w (x -
+--   S/Z)^2 and w = Z^2 - sum w^2 (relative to E like S and Z); z the last value's z-score
+--   against the spread before it.
+--   Until a stream's first push, and in streams written before s existed, the state is decimal
+--   text fields: l t u E b p, the spread as V `q,w` and M `m,z` (or q w m z), and v or S Z per
+--   window (v:<name>, S:<name>, Z:<name> for named ones). A push reads either and writes s,
+--   deleting the text fields.
 --
 -- TensorFlow's update:  decay = min(decay, (1 + num_updates) / (10 + num_updates)) when the
 --   sample has num_updates;  shadow -= (1 - decay) * (shadow - value).
--- Arithmetic: by default that update in float64. A = '64' / '32' takes, for the shadows, every
---   rounding step TensorFlow 2.21 takes (moving_averages.py): the decay converted to float32,
---   the min with num_updates (cast to float32) in float32, 1 - decay in float32 then cast to the
---   variable's dtype, `(shadow - value) * (1 - decay)` and the subtraction in that dtype (a float32
+-- Arithmetic: by default that update in float64. A = '64' / '32' takes every rounding step
+--   TensorFlow 2.21 takes (moving_averages.py): the decay converted to float32, the min with
+--   num_updates (cast to float32) in float32, 1 - decay in float32 then cast to the variable's
+--   dtype, `(shadow - value) * (1 - decay)` and the subtraction in that dtype (a float32
 --   variable holds each value rounded to float32), subnormal inputs and results flushed to zero
 --   as its CPU kernels do. A float32 operation is done in float64 and rounded: exact for
 --   + - * / (a double has more than 2 * 24 + 2 bits).
@@ -50,102 +60,102 @@
 --   sample is simply added with its own weight: the sums do not depend on arrival order.
 --   Mean: S / Z. Rate (kind r): S * ln 2 / halflife events per second as of E.
 --
--- Reply: the hash after the update as a flat list field, value, ..., then '1' if this is the
--- stored reply of an earlier push with the same idempotency key (nothing applied), else '0'.
--- The announcement on ARGV[5] and the idempotency record hold the same list as `f=v;f=v`.
+-- Reply: the stream after the update as one string, `f=v;f=v;...;n=<count>;s=<s>`: its
+-- configuration fields, its count, and last its packed state, as stored (binary, but always the
+-- last field, after the first `;s=`: configuration values never hold a `;`). The same text
+-- prefixed with `replayed\n` when it is the stored reply of an earlier push with the same
+-- idempotency key (nothing applied). The announcement on ARGV[5] and the idempotency record hold
+-- the same text. (One string, not a list: each element of a reply costs Redis a conversion.)
 -- Errors, having written nothing: EMA_INVALID <why>, EMA_NOT_FOUND, EMA_LATE <why>,
 -- EMA_IDEMPOTENCY_MISMATCH.
--- History entries have the id `<count>-0` and fields t (sample time), l (raw), v (main value),
--- and when defined s (standard deviation after the value) and z (its z-score).
-
-local MAX_NUM_UPDATES = 1e15
-local FIRST_SAMPLE = 7
+-- History entries have the id `<count>-0` and one field p: '<ddddd', the sample's time, its raw
+-- value, the main value, the standard deviation after the value and its z-score (NaN when not
+-- defined). Entries written before hold decimal text fields t, l, v, and s and z when defined.
+--
+-- Why the shape: Redis runs this whole chunk on every call, and what costs it most is what the
+-- script allocates (each table, closure and string, then collecting them) and each redis.call,
+-- more than any arithmetic: hence one read, one packed write, one string reply, few tables.
 
 local function finite(x)
   return x == x and x ~= math.huge and x ~= -math.huge
 end
 
-local function exact(x)
-  -- the shortest of %.15g, %.16g, %.17g that reads back as the same double
-  local s = string.format('%.15g', x)
-  if tonumber(s) ~= x then
-    s = string.format('%.16g', x)
-    if tonumber(s) ~= x then
-      s = string.format('%.17g', x)
+-- TensorFlow's arithmetic, made only for a stream that uses it (A): a closure costs every call
+-- of the script that makes it.
+local function tensorflow()
+  local frexp, ldexp = math.frexp, math.ldexp
+  local FLOAT32_OVERFLOW = 2 ^ 128
+  local SUBNORMAL32 = 1.5 * 2 ^ -97
+
+  -- The float32 nearest to x, ties to even, subnormals included; +-inf past the largest float32.
+  -- Adding K = 1.5 * 2^(e + 28) (a double whose last bit is worth x's float32 step, 2^(e - 24))
+  -- makes the float64 addition round x to that step, ties to even; subtracting K is exact.
+  local function float32(x)
+    if x == 0 then
+      return x  -- keeps the sign of a zero (0 + K - K would not)
     end
+    local _, e = frexp(x)  -- x = m * 2^e, 0.5 <= |m| < 1 (e = 0 for inf and NaN)
+    if e > 128 then
+      return x * math.huge  -- beyond float32 (and K itself would overflow)
+    end
+    local k = SUBNORMAL32  -- below 2^-126 the step is 2^-149
+    if e > -126 then
+      k = ldexp(1.5, e + 28)
+    end
+    local y = (x + k) - k
+    if y >= FLOAT32_OVERFLOW or y <= -FLOAT32_OVERFLOW then
+      return y * math.huge
+    end
+    if y == 0 then
+      return x * 0  -- rounded to a zero of x's sign
+    end
+    return y
   end
-  return s
-end
 
-local frexp, ldexp = math.frexp, math.ldexp
-local FLOAT32_OVERFLOW = 2 ^ 128
-local SUBNORMAL32 = 1.5 * 2 ^ -97
+  -- TensorFlow's CPU kernels flush subnormal inputs and results to a zero of the same sign: below
+  -- these, the smallest normal float64 and float32.
+  local TINY64, TINY32 = 2.2250738585072014e-308, 1.1754943508222875e-38
 
--- The float32 nearest to x, ties to even, subnormals included; +-inf past the largest float32.
--- Adding K = 1.5 * 2^(e + 28) (a double whose last bit is worth x's float32 step, 2^(e - 24))
--- makes the float64 addition round x to that step, ties to even; subtracting K is exact.
-local function float32(x)
-  if x == 0 then
-    return x  -- keeps the sign of a zero (0 + K - K would not)
+  -- `shadow -= (shadow - value) * one_minus_decay` as TensorFlow computes it on a float64 variable
+  -- (flushes written out: this runs for every sample).
+  local function tensorflow_step64(shadow, x, one_minus_decay)
+    if shadow < TINY64 and shadow > -TINY64 then shadow = shadow * 0 end
+    if x < TINY64 and x > -TINY64 then x = x * 0 end
+    local delta = shadow - x
+    if delta < TINY64 and delta > -TINY64 then delta = delta * 0 end
+    delta = delta * one_minus_decay
+    if delta < TINY64 and delta > -TINY64 then delta = delta * 0 end
+    local y = shadow - delta
+    if y < TINY64 and y > -TINY64 then y = y * 0 end
+    return y
   end
-  local _, e = frexp(x)  -- x = m * 2^e, 0.5 <= |m| < 1 (e = 0 for inf and NaN)
-  if e > 128 then
-    return x * math.huge  -- beyond float32 (and K itself would overflow)
-  end
-  local k = SUBNORMAL32  -- below 2^-126 the step is 2^-149
-  if e > -126 then
-    k = ldexp(1.5, e + 28)
-  end
-  local y = (x + k) - k
-  if y >= FLOAT32_OVERFLOW or y <= -FLOAT32_OVERFLOW then
-    return y * math.huge
-  end
-  if y == 0 then
-    return x * 0  -- rounded to a zero of x's sign
-  end
-  return y
-end
 
--- TensorFlow's CPU kernels flush subnormal inputs and results to a zero of the same sign: below
--- these, the smallest normal float64 and float32.
-local TINY64, TINY32 = 2.2250738585072014e-308, 1.1754943508222875e-38
-
--- `shadow -= (shadow - value) * one_minus_decay` as TensorFlow computes it on a float64 variable
--- (flushes written out: this runs for every sample).
-local function tensorflow_step64(shadow, x, one_minus_decay)
-  if shadow < TINY64 and shadow > -TINY64 then shadow = shadow * 0 end
-  if x < TINY64 and x > -TINY64 then x = x * 0 end
-  local delta = shadow - x
-  if delta < TINY64 and delta > -TINY64 then delta = delta * 0 end
-  delta = delta * one_minus_decay
-  if delta < TINY64 and delta > -TINY64 then delta = delta * 0 end
-  local y = shadow - delta
-  if y < TINY64 and y > -TINY64 then y = y * 0 end
-  return y
-end
-
--- The same on a float32 variable: x already rounded to float32, each operation rounded to it.
-local function tensorflow_step32(shadow, x, one_minus_decay)
-  if shadow < TINY32 and shadow > -TINY32 then shadow = shadow * 0 end
-  if x < TINY32 and x > -TINY32 then x = x * 0 end
-  local delta = float32(shadow - x)
-  if delta < TINY32 and delta > -TINY32 then delta = delta * 0 end
-  delta = float32(delta * one_minus_decay)
-  if delta < TINY32 and delta > -TINY32 then delta = delta * 0 end
-  local y = float32(shadow - delta)
-  if y < TINY32 and y > -TINY32 then y = y * 0 end
-  return y
-end
-
--- TensorFlow's decay tensor, float32 throughout: min(decay, (1 + n) / (10 + n)).
-local function tensorflow_decay(decay32, steps)
-  -- (1 + n) / (10 + n) computed in float32 is within 2^-22 (relative) of its float64 value:
-  -- well above the decay, the min is the decay, and the float32 steps can be skipped.
-  if steps and (1 + steps) / (10 + steps) < decay32 * (1 + 2 ^ -20) then
-    local n = float32(steps)
-    return math.min(decay32, float32(float32(1 + n) / float32(10 + n)))
+  -- The same on a float32 variable: x already rounded to float32, each operation rounded to it.
+  local function tensorflow_step32(shadow, x, one_minus_decay)
+    if shadow < TINY32 and shadow > -TINY32 then shadow = shadow * 0 end
+    if x < TINY32 and x > -TINY32 then x = x * 0 end
+    local delta = float32(shadow - x)
+    if delta < TINY32 and delta > -TINY32 then delta = delta * 0 end
+    delta = float32(delta * one_minus_decay)
+    if delta < TINY32 and delta > -TINY32 then delta = delta * 0 end
+    local y = float32(shadow - delta)
+    if y < TINY32 and y > -TINY32 then y = y * 0 end
+    return y
   end
-  return decay32
+
+  -- TensorFlow's decay tensor, float32 throughout: min(decay, (1 + n) / (10 + n)).
+  local function tensorflow_decay(decay32, steps)
+    -- (1 + n) / (10 + n) computed in float32 is within 2^-22 (relative) of its float64 value:
+    -- well above the decay, the min is the decay, and the float32 steps can be skipped.
+    if steps and (1 + steps) / (10 + steps) < decay32 * (1 + 2 ^ -20) then
+      local n = float32(steps)
+      return math.min(decay32, float32(float32(1 + n) / float32(10 + n)))
+    end
+    return decay32
+  end
+
+  return {float32 = float32, step64 = tensorflow_step64, step32 = tensorflow_step32,
+    decay = tensorflow_decay}
 end
 
 -- tonumber also takes 'nan', 'inf', '0x10' and ' 5 ': accept plain decimals only, and finite.
@@ -160,80 +170,74 @@ local function decimal(s)
   return x
 end
 
-local function parse_fields(text)
-  local fields = {}
-  for field, value in string.gmatch(text, '([^=;]+)=([^;]*)') do
-    fields[field] = value
+-- The error about the sample at ARGV[j], named as in the request (values[i]); `why` may hold
+-- a %s per number that follows, shown exactly (the shortest decimal that reads back the same).
+local function refuse(code, j, why, ...)
+  local function exact(x)
+    local s = string.format('%.15g', x)
+    if tonumber(s) ~= x then
+      s = string.format('%.16g', x)
+      if tonumber(s) ~= x then
+        s = string.format('%.17g', x)
+      end
+    end
+    return s
   end
-  return fields
+  local numbers = {...}
+  for i = 1, #numbers do
+    numbers[i] = exact(numbers[i])
+  end
+  return redis.error_reply(code .. ' values[' .. (j - 7) / 3 .. ']: ' ..
+    string.format(why, unpack(numbers)))
 end
 
-local function encoded(list)
-  local parts = {}
-  for i = 1, #list, 2 do
-    parts[#parts + 1] = list[i] .. '=' .. list[i + 1]
-  end
-  return table.concat(parts, ';')
-end
-
-local function invalid(why)
-  return redis.error_reply('EMA_INVALID ' .. why)
-end
-
--- The stored reply of an earlier push with this idempotency key, an error if the key was used
--- for a different push, or nil when there is none.
-local function replayed(idempotency_key, fingerprint)
-  local record = redis.call('GET', idempotency_key)
-  if not record then
-    return nil
-  end
-  local sep = string.find(record, '\n', 1, true)
-  if string.sub(record, 1, sep - 1) ~= fingerprint then
-    return redis.error_reply('EMA_IDEMPOTENCY_MISMATCH')
-  end
-  local reply = {}
-  for field, value in string.gmatch(string.sub(record, sep + 1), '([^=;]+)=([^;]*)') do
-    reply[#reply + 1] = field
-    reply[#reply + 1] = value
-  end
-  reply[#reply + 1] = '1'
-  return reply
-end
-
--- The configuration, parsed once from the hash: the main value is window 1, named windows
--- follow; each has a decay or a halflife and the names of its fields.
+-- The configuration, parsed once from the hash's text fields; nil and the error if invalid. The
+-- main value is a window too: config holds its decay or halflife and its slot in the state
+-- array r; the named windows (W) are config.windows, each with its own.
 local function read_config(s)
-  local decay = decimal(s.d)
-  local halflife = decimal(s.H)
+  local decay, halflife = decimal(s.d), decimal(s.H)
   if (decay == nil) == (halflife == nil) or (decay and (decay < 0 or decay > 1))
       or (halflife and halflife <= 0) then
-    return nil, invalid('the stream needs a decay in [0, 1] or a halflife > 0')
+    return nil, 'the stream needs a decay in [0, 1] or a halflife > 0'
   end
   local dtype = s.A
   if dtype and ((dtype ~= '64' and dtype ~= '32') or not decay) then
-    return nil, invalid('the TensorFlow arithmetics need a decay')
+    return nil, 'the TensorFlow arithmetics need a decay'
   end
+  local rate = s.k == 'r'
+  -- r's slots: b p with a decay, q w z unless a rate, then the windows' numbers.
+  local size = (decay and 2 or 0) + (rate and 0 or 3)
   local config = {
+    tensorflow = nil,  -- tensorflow(), for a stream with A
     dtype = dtype,
     decay = decay,
     halflife = halflife,
-    auto = s.a == '1',
-    history = tonumber(s.h) or 0,
-    reject_late = s.L == 'r',
-    rate = s.k == 'r',
-    ttl = tonumber(s.x),
-    windows = {{decay = decay, halflife = halflife, v = 'v', S = 'S', Z = 'Z'}},
+    rate = rate,
+    spread = not rate,
+    slot = size + 1,
+    size = size + (decay and 1 or 2),  -- the last slot taken
+    count = 0,  -- named windows
   }
-  config.spread = not config.rate
   if s.W and s.W ~= '' then
+    config.windows = {}
     for name, kind, param in string.gmatch(s.W, '([^:,]+):([dh])([^,]+)') do
-      local window = {v = 'v:' .. name, S = 'S:' .. name, Z = 'Z:' .. name}
-      if kind == 'd' then window.decay = tonumber(param) else window.halflife = tonumber(param) end
-      config.windows[#config.windows + 1] = window
+      local window = {name = name, slot = config.size + 1}
+      if kind == 'd' then
+        window.decay = tonumber(param)
+        config.size = config.size + 1
+      else
+        window.halflife = tonumber(param)
+        config.size = config.size + 2
+      end
+      config.count = config.count + 1
+      config.windows[config.count] = window
     end
   end
   if dtype then
-    for _, w in ipairs(config.windows) do
+    config.tensorflow = tensorflow()
+    local float32 = config.tensorflow.float32
+    for i = 0, config.count do
+      local w = i == 0 and config or config.windows[i]
       if w.decay then
         w.decay32 = float32(w.decay)
         w.one_minus_decay32 = float32(1 - w.decay32)
@@ -243,93 +247,153 @@ local function read_config(s)
   return config
 end
 
--- The numbers a push updates, read from the hash: per window its shadow, or its sums.
+-- The state: r, the array of the windows' numbers at their slots (and b p q w, as s packs them),
+-- and `state`, the other numbers by name. Unpacked from s, or read from the text fields (a
+-- stream before its first push, or written before s existed; absent numbers stay nil).
 local function read_state(s, config)
-  local state = {
-    count = tonumber(s.n),
-    epoch = s.E and tonumber(s.E),
-    biased = tonumber(s.b) or 0,
-    product = tonumber(s.p) or 1,
-    spread = 0,
-    spread_weight = 0,
-    windows = {},
-  }
-  if s.V then
-    local q, w = string.match(s.V, '^([^,]*),(.*)$')
-    state.spread, state.spread_weight = tonumber(q), tonumber(w)
-    state.mean = tonumber(string.match(s.M, '^([^,]*)'))
-  end
-  for i, w in ipairs(config.windows) do
-    if w.decay then
-      state.windows[i] = {shadow = s[w.v] and tonumber(s[w.v])}
-    else
-      state.windows[i] = {sum = tonumber(s[w.S]) or 0, weight = tonumber(s[w.Z]) or 0}
+  local r, last, used, epoch, mean
+  local size, chunks = config.size, 0
+  if s.s then
+    local blob = s.s
+    while s['s' .. chunks + 1] do
+      chunks = chunks + 1
+      blob = blob .. s['s' .. chunks]
+    end
+    local stored = #blob / 8
+    r = {struct.unpack('<' .. string.rep('d', stored), blob)}
+    local extra = stored - size - 2
+    last = r[size + 2]
+    used = extra >= 1 and r[size + 3] or (config.decay or 1)
+    epoch = extra >= 2 and r[size + 4] or r[size + 1]
+    mean = extra >= 3 and r[size + 5] or (config.decay and r[config.slot])
+    for i = size + 1, stored + 1 do
+      r[i] = nil  -- t l, u E m, and unpack's position after the data
+    end
+  else
+    r = {}
+    last, used, epoch = tonumber(s.l), tonumber(s.u), tonumber(s.E)
+    if config.decay then
+      r[1], r[2] = tonumber(s.b) or 0, tonumber(s.p) or 1
+    end
+    if config.spread then
+      local q, w, m = s.q, s.w, s.m
+      if s.V then
+        q, w = string.match(s.V, '^([^,]*),(.*)$')
+        m = string.match(s.M or '', '^([^,]*)')
+      end
+      r[config.slot - 3], r[config.slot - 2] = tonumber(q) or 0, tonumber(w) or 0
+      mean = tonumber(m)
+    end
+    for i = 0, config.count do
+      local w = i == 0 and config or config.windows[i]
+      local suffix = i == 0 and '' or ':' .. w.name
+      if w.decay then
+        r[w.slot] = tonumber(s['v' .. suffix])
+      else
+        r[w.slot], r[w.slot + 1] = tonumber(s['S' .. suffix]) or 0, tonumber(s['Z' .. suffix]) or 0
+      end
     end
   end
-  return state
+  -- Every field named here, nil ones too, so that the table is made at its full size.
+  local state = {
+    count = tonumber(s.n),
+    chunks = chunks,  -- s1, s2, ... stored
+    last = last,
+    used = used,
+    epoch = epoch,
+    biased = config.decay and r[1],
+    product = config.decay and r[2],
+    mean = mean,
+    spread = config.spread and r[config.slot - 3],
+    spread_weight = config.spread and r[config.slot - 2],
+    z = nil,
+    x32 = nil,
+  }
+  return r, state
 end
 
-local function main_value(config, state)
-  local w, ws = config.windows[1], state.windows[1]
-  if w.decay then
-    return ws.shadow
-  end
-  if config.rate then
-    return ws.sum * math.log(2) / w.halflife
-  end
-  return ws.sum / ws.weight
+-- Whether x must be stored to stand for itself rather than `default` (bit for bit: 0 and -0
+-- differ, as 1/0 and 1/-0 do).
+local function differs(x, default)
+  return x ~= default or (x == 0 and 1 / x ~= 1 / default)
 end
 
--- ARGV[j..j+2] as (value, num_updates or nil, time), or nil and the error.
-local function parse_sample(j, config, state, now, latest_allowed)
-  local where = 'values[' .. (j - FIRST_SAMPLE) / 3 .. ']: '
+-- s packed from r and state, in the order the header gives.
+local function packed(config, r, state, now)
+  local size = config.size
+  if config.decay then
+    r[1], r[2] = state.biased, state.product
+  end
+  if config.spread then
+    r[config.slot - 3], r[config.slot - 2] = state.spread, state.spread_weight
+    r[config.slot - 1] = state.z or 0 / 0
+  end
+  r[size + 1], r[size + 2] = now, state.last
+  local k = size + 2
+  local mean = config.decay and config.spread and state.mean
+  if mean and differs(mean, r[config.slot]) then
+    k = k + 3
+  elseif differs(state.epoch, now) then
+    k = k + 2
+  elseif differs(state.used, config.decay or 1) then
+    k = k + 1
+  end
+  r[size + 3], r[size + 4], r[size + 5] = state.used, state.epoch, mean
+  return struct.pack('<' .. string.rep('d', k), unpack(r, 1, k))
+end
+
+-- ARGV[j..j+2] as (value, num_updates or nil, time), or nil and the error. `auto`: a sample
+-- without num_updates uses the count; `reject_late`: one older than the epoch is refused.
+local function parse_sample(j, auto, reject_late, state, now, latest_allowed)
   local x = decimal(ARGV[j])
   if x == nil then
-    return nil, invalid(where .. 'not a finite number')
+    return nil, refuse('EMA_INVALID', j, 'not a finite number')
   end
   local steps
   if ARGV[j + 1] ~= '' then
     steps = decimal(ARGV[j + 1])
-    if steps == nil or steps < 0 or steps > MAX_NUM_UPDATES or steps ~= math.floor(steps) then
-      return nil, invalid(where .. 'num_updates must be an integer in [0, 1e15]')
+    if steps == nil or steps < 0 or steps > 1e15 or steps ~= math.floor(steps) then
+      return nil, refuse('EMA_INVALID', j, 'num_updates must be an integer in [0, 1e15]')
     end
-  elseif config.auto then
+  elseif auto then
     steps = state.count
   end
   local at = now
   if ARGV[j + 2] ~= '' then
     at = decimal(ARGV[j + 2])
     if at == nil or at < 0 or at > latest_allowed then
-      return nil, invalid(where .. 'timestamp must be in [0, ' .. exact(latest_allowed) ..
-        '] (Unix seconds; at most ' .. ARGV[6] .. ' s past the server clock)')
+      return nil, refuse('EMA_INVALID', j, 'timestamp must be in [0, %s] (Unix seconds; at most '
+        .. string.gsub(ARGV[6], '%%', '%%%%') .. ' s past the server clock)', latest_allowed)
     end
   end
-  if config.reject_late and state.epoch and at < state.epoch then
-    return nil, redis.error_reply('EMA_LATE ' .. where .. 'timestamp ' .. exact(at) ..
-      ' is older than the newest sample, ' .. exact(state.epoch))
+  if reject_late and state.epoch and at < state.epoch then
+    return nil, refuse('EMA_LATE', j, 'timestamp %s is older than the newest sample, %s', at,
+      state.epoch)
   end
   return x, steps, at
 end
 
 -- E is the newest sample's time. Halflife windows: a newer sample moves it forward and
 -- rescales their sums; a late one leaves it, and the sums, as they are.
-local function move_epoch(config, state, at)
+local function move_epoch(config, r, state, at)
   if config.halflife then
     state.used = 1
   end
   if state.epoch == nil then
     state.epoch = at
   elseif at > state.epoch then
-    for i, w in ipairs(config.windows) do
+    for i = 0, config.count do
+      local w = i == 0 and config or config.windows[i]
       if w.halflife then
-        local ws = state.windows[i]
         local shrink = 2 ^ ((state.epoch - at) / w.halflife)
-        ws.sum = ws.sum * shrink
-        ws.weight = ws.weight * shrink
-        if i == 1 then
+        r[w.slot] = r[w.slot] * shrink
+        r[w.slot + 1] = r[w.slot + 1] * shrink
+        if i == 0 then
           state.used = shrink
-          state.spread = state.spread * shrink
-          state.spread_weight = state.spread_weight * shrink * shrink
+          if config.spread then
+            state.spread = state.spread * shrink
+            state.spread_weight = state.spread_weight * shrink * shrink
+          end
         end
       end
     end
@@ -338,24 +402,24 @@ local function move_epoch(config, state, at)
 end
 
 -- The bias-corrected variance of the samples so far, nil while undefined.
-local function variance(config, state)
+local function variance(config, r, state)
   if state.spread_weight <= 0 then
     return nil
   end
   if config.decay then
     return state.spread / state.spread_weight
   end
-  return state.spread * state.windows[1].weight / state.spread_weight
+  return state.spread * r[config.slot + 1] / state.spread_weight
 end
 
 -- One sample into the spread of the main average, before its own update: with a decay d,
 -- pandas' recursion for adjust=False (normalised weights: the old ones times d, the new one
--- 1 - d); with a halflife, a weighted Welford step for a sample of weight `weight`, ws being the
--- main window's sums. Sets state.z (against the spread before the sample) when `want_z`.
--- Returns false if a number of the spread overflows.
-local function update_spread(state, x, d, weight, ws, want_z)
+-- 1 - d); with a halflife, a weighted Welford step for a sample of weight `weight`, sum and total
+-- being the main window's sums. Sets state.z (against the spread before the sample) when
+-- `want_z`. Returns false if a number of the spread overflows.
+local function update_spread(state, x, d, weight, sum, total, want_z)
   local q, u = state.spread, state.spread_weight
-  local before, v, total
+  local before, v
   if d then
     before = state.mean
     if before == nil then
@@ -375,16 +439,15 @@ local function update_spread(state, x, d, weight, ws, want_z)
       return false
     end
   else
-    total = ws.weight
     if total == 0 then
       state.spread, state.spread_weight = 0, 0
       return true
     end
-    before = ws.sum / total
+    before = sum / total
     if want_z and u > 0 then
       v = q * total / u
     end
-    local after = (ws.sum + x * weight) / (total + weight)
+    local after = (sum + x * weight) / (total + weight)
     q = q + weight * (x - before) * (x - after)
     -- Z^2 - sum w^2 grows by (Z + w)^2 - Z^2 - w^2 = 2 w Z: no cancellation
     u = u + 2 * weight * total
@@ -407,236 +470,229 @@ local function update_spread(state, x, d, weight, ws, want_z)
   return finite(q)
 end
 
--- One sample into window i; an error if it overflows.
-local function apply_window(config, state, i, x, steps, at, where, want_z)
-  local w, ws = config.windows[i], state.windows[i]
-  if w.decay then
-    local d = w.decay
-    if steps then
-      d = math.min(d, (1 + steps) / (10 + steps))
-    end
-    if i == 1 and config.spread and not update_spread(state, x, d, nil, nil, want_z) then
-      return invalid(where .. 'the variance overflows float64')
-    end
-    local dtype = config.dtype
-    if dtype then
-      local decay32 = tensorflow_decay(w.decay32, steps)
-      local one_minus_decay = w.one_minus_decay32
-      if decay32 ~= w.decay32 then
-        one_minus_decay = float32(1 - decay32)
-      end
-      local step, held = tensorflow_step64, x
-      if dtype == '32' then
-        step, held = tensorflow_step32, state.x32
-      end
-      if ws.shadow then
-        ws.shadow = step(ws.shadow, held, one_minus_decay)
-      else
-        ws.shadow = held
-      end
-      d = decay32
-    elseif ws.shadow then
-      ws.shadow = ws.shadow - (1 - d) * (ws.shadow - x)
-    else
-      ws.shadow = x
-    end
-    if i == 1 then
-      -- The bias-corrected value is the service's, not TensorFlow's (zero_debias is off): in
-      -- float64 in every arithmetic, with the decay the update used.
-      state.biased = state.biased - (1 - d) * (state.biased - x)
-    end
-    if not finite(ws.shadow) then
-      return invalid(where .. 'the update overflows float64')
-    end
-    if i == 1 then
-      if not finite(state.biased) then
-        return invalid(where .. 'the update overflows float64')
-      end
-      state.product = state.product * d
-      state.used = d
-      local correction = 1 - state.product
-      if correction ~= 0 and not finite(state.biased / correction) then
-        return invalid(where .. 'the bias-corrected value overflows float64')
-      end
-    end
-  else
+-- One sample into window w (config itself for the main value); the error if it overflows.
+local function apply_window(config, w, r, state, x, steps, at, want_z)
+  local slot = w.slot
+  if w.halflife then
     local weight = 2 ^ ((at - state.epoch) / w.halflife)
-    if i == 1 and config.spread and not update_spread(state, x, nil, weight, ws, want_z) then
-      return invalid(where .. 'the variance overflows float64')
+    if w == config and config.spread
+        and not update_spread(state, x, nil, weight, r[slot], r[slot + 1], want_z) then
+      return 'the variance overflows float64'
     end
-    ws.sum = ws.sum + x * weight
-    ws.weight = ws.weight + weight
-    if not finite(ws.sum) then
-      return invalid(where .. 'the update overflows float64')
+    r[slot] = r[slot] + x * weight
+    r[slot + 1] = r[slot + 1] + weight
+    if not finite(r[slot]) then
+      return 'the update overflows float64'
     end
-    if config.rate and not finite(ws.sum * math.log(2) / w.halflife) then
-      return invalid(where .. 'the rate overflows float64')
+    if config.rate and not finite(r[slot] * math.log(2) / w.halflife) then
+      return 'the rate overflows float64'
     end
+    return nil
   end
-end
-
--- The state's fields as HSET arguments.
-local function state_fields(config, state, now)
-  local changes = {'n', string.format('%d', state.count), 'l', exact(state.last), 't', exact(now)}
-  local function add(field, x)
-    changes[#changes + 1] = field
-    changes[#changes + 1] = exact(x)
+  local main = w == config
+  local d = w.decay
+  if steps then
+    d = math.min(d, (1 + steps) / (10 + steps))
   end
-  if state.used then
-    add('u', state.used)
+  if main and config.spread and not update_spread(state, x, d, nil, nil, nil, want_z) then
+    return 'the variance overflows float64'
   end
-  if state.epoch then
-    add('E', state.epoch)
-  end
-  if config.decay then
-    add('b', state.biased)
-    add('p', state.product)
-  end
-  if config.spread then
-    -- %.17g: one format, where exact() may take three and three tonumber
-    local m, z = '', ''
-    if state.mean then
-      m = string.format('%.17g', state.mean)
+  local shadow = r[slot]
+  local dtype = config.dtype
+  if dtype then
+    local tf = config.tensorflow
+    local decay32 = tf.decay(w.decay32, steps)
+    local one_minus_decay = w.one_minus_decay32
+    if decay32 ~= w.decay32 then
+      one_minus_decay = tf.float32(1 - decay32)
     end
-    if state.z then
-      z = string.format('%.17g', state.z)
+    local step, held = tf.step64, x
+    if dtype == '32' then
+      step, held = tf.step32, state.x32
     end
-    changes[#changes + 1] = 'V'
-    changes[#changes + 1] = string.format('%.17g,%.17g', state.spread, state.spread_weight)
-    changes[#changes + 1] = 'M'
-    changes[#changes + 1] = m .. ',' .. z
-  end
-  for i, w in ipairs(config.windows) do
-    local ws = state.windows[i]
-    if w.decay then
-      add(w.v, ws.shadow)
+    if shadow then
+      shadow = step(shadow, held, one_minus_decay)
     else
-      add(w.S, ws.sum)
-      add(w.Z, ws.weight)
+      shadow = held
+    end
+    d = decay32
+  elseif shadow then
+    shadow = shadow - (1 - d) * (shadow - x)
+  else
+    shadow = x
+  end
+  if main then
+    -- The bias-corrected value is the service's, not TensorFlow's (zero_debias is off): in
+    -- float64 in every arithmetic, with the decay the update used.
+    state.biased = state.biased - (1 - d) * (state.biased - x)
+  end
+  r[slot] = shadow
+  if not finite(shadow) then
+    return 'the update overflows float64'
+  end
+  if main then
+    if not finite(state.biased) then
+      return 'the update overflows float64'
+    end
+    state.product = state.product * d
+    state.used = d
+    local correction = 1 - state.product
+    if correction ~= 0 and not finite(state.biased / correction) then
+      return 'the bias-corrected value overflows float64'
     end
   end
-  return changes
+  return nil
 end
 
-local function write_history(history_key, history, entries)
-  -- Only the newest `history` entries can survive the cap: skip writing the others.
-  for k = math.max(1, #entries - history + 1), #entries do
-    local entry = entries[k]
-    local fields = {'t', exact(entry[2]), 'l', exact(entry[3]), 'v', exact(entry[4])}
-    if entry[5] then
-      fields[7], fields[8] = 's', exact(entry[5])
-    end
-    if entry[6] then
-      fields[#fields + 1], fields[#fields + 2] = 'z', exact(entry[6])
-    end
-    redis.call('XADD', history_key, 'MAXLEN', history, string.format('%d-0', entry[1]),
-      unpack(fields))
-  end
-end
-
--- The hash as field, value, ...; announced and recorded for idempotency as `f=v;f=v`.
-local function build_reply(key, idempotency_key, fingerprint)
-  local reply = redis.call('HGETALL', key)
-  if ARGV[5] ~= '' or idempotency_key then
-    local text = encoded(reply)
-    if ARGV[5] ~= '' then
-      redis.call('PUBLISH', ARGV[5], text)
-    end
-    if idempotency_key then
-      redis.call('SET', idempotency_key, fingerprint .. '\n' .. text, 'EX', ARGV[4])
+-- Writes the count n and the packed state in fields of at most 64 bytes (deleting chunks left
+-- over from a longer one), the configuration too when creating, and deletes the text layout's
+-- state fields (l t u E b p V M q w m z v S Z, and <field>:<window>) of an older stream.
+-- Returns the stream as the reply's text.
+local function write_fields(key, s, creating, n, blob, chunks)
+  local text = ''
+  local fields, old
+  if creating or #blob > 64 then
+    fields = {'n', n, 's', string.sub(blob, 1, 64)}
+    for c = 1, math.ceil(#blob / 64) - 1 do
+      fields[#fields + 1] = 's' .. c
+      fields[#fields + 1] = string.sub(blob, 64 * c + 1, 64 * c + 64)
     end
   end
-  reply[#reply + 1] = '0'
-  return reply
-end
-
-local function push(key, history_key, idempotency_key)
-  local fingerprint = ARGV[3]
-  if idempotency_key then
-    local reply = replayed(idempotency_key, fingerprint)
-    if reply then
-      return reply
-    end
+  for c = math.max(1, math.ceil(#blob / 64)), chunks do
+    old = old or {}
+    old[#old + 1] = 's' .. c
   end
-
-  if #ARGV < FIRST_SAMPLE + 2 or (#ARGV - FIRST_SAMPLE + 1) % 3 ~= 0 then
-    return invalid('expected one or more (value, num_updates, timestamp)')
-  end
-
-  local stored = redis.call('HGETALL', key)
-  local s = {}
-  for i = 1, #stored, 2 do
-    s[stored[i]] = stored[i + 1]
-  end
-  local creating = s.n == nil
-  if creating then
-    if ARGV[1] ~= '1' then
-      return redis.error_reply('EMA_NOT_FOUND')
-    end
-    -- A history left behind by a deleted hash would refuse the new stream's entry ids.
-    redis.call('DEL', history_key)
-    s = parse_fields(ARGV[2])
-  end
-
-  local config, refused = read_config(s)
-  if not config then
-    return refused
-  end
-  local state = read_state(s, config)
-  local entries = {}
-
-  local time = redis.call('TIME')
-  local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
-  local latest_allowed = now + tonumber(ARGV[6])
-
-  for j = FIRST_SAMPLE, #ARGV, 3 do
-    local x, steps, at = parse_sample(j, config, state, now, latest_allowed)
-    if x == nil then
-      return steps
-    end
-    move_epoch(config, state, at)
-    local where = 'values[' .. (j - FIRST_SAMPLE) / 3 .. ']: '
-    if config.dtype == '32' then
-      state.x32 = float32(x)
-      if not finite(state.x32) then
-        return invalid(where .. 'the value overflows float32')
+  for field, value in pairs(s) do
+    if field == 'n' or field == 's' or not value or string.find(field, '^s%d') then
+      -- written here, absent (false: see the read), or a chunk of s
+    elseif (#field == 1 and string.find('ltuEbpVMqwmzvSZ', field, 1, true))
+        or string.find(field, ':', 1, true) then
+      if not creating then
+        old = old or {}
+        old[#old + 1] = field
+      end
+    else
+      text = text .. field .. '=' .. value .. ';'
+      if creating then
+        fields[#fields + 1] = field
+        fields[#fields + 1] = value
       end
     end
-    -- z is reported for the last sample, and for each in the history
-    local want_z = config.history > 0 or j + 2 == #ARGV
-    state.z = nil
-    for i = 1, #config.windows do
-      local overflow = apply_window(config, state, i, x, steps, at, where, want_z)
-      if overflow then
-        return overflow
-      end
-    end
-    state.count = state.count + 1
-    state.last = x
-    if config.history > 0 then
-      local v = config.spread and variance(config, state)
-      entries[#entries + 1] = {state.count, at, x, main_value(config, state), v and math.sqrt(v),
-        state.z}
-    end
   end
-
-  if creating then
-    local fields = {}
-    for field, value in pairs(s) do
-      fields[#fields + 1] = field
-      fields[#fields + 1] = value
-    end
+  if fields then
     redis.call('HSET', key, unpack(fields))
+  else
+    redis.call('HSET', key, 'n', n, 's', blob)
   end
-  redis.call('HSET', key, unpack(state_fields(config, state, now)))
-  write_history(history_key, config.history, entries)
-  if config.ttl then
-    redis.call('EXPIRE', key, config.ttl)
-    if config.history > 0 then
-      redis.call('EXPIRE', history_key, config.ttl)
-    end
+  if old then
+    redis.call('HDEL', key, unpack(old))
   end
-  return build_reply(key, idempotency_key, fingerprint)
+  return text .. 'n=' .. n .. ';s=' .. blob
 end
 
-return push(KEYS[1], KEYS[2], KEYS[3])
+local key, history_key, idempotency_key = KEYS[1], KEYS[2], KEYS[3]
+
+if idempotency_key then
+  local record = redis.call('GET', idempotency_key)
+  if record then
+    local sep = string.find(record, '\n', 1, true)
+    if string.sub(record, 1, sep - 1) ~= ARGV[3] then
+      return redis.error_reply('EMA_IDEMPOTENCY_MISMATCH')
+    end
+    return 'replayed\n' .. string.sub(record, sep + 1)
+  end
+end
+
+if #ARGV < 9 or (#ARGV - 6) % 3 ~= 0 then
+  return redis.error_reply('EMA_INVALID expected one or more (value, num_updates, timestamp)')
+end
+
+local stored = redis.call('HGETALL', key)
+-- Sized for a fixed-decay stream's fields up front: a table that grows is rehashed each time.
+local s = {n = false, s = false, d = false}
+for i = 1, #stored, 2 do
+  s[stored[i]] = stored[i + 1]
+end
+local creating = not s.n
+if creating then
+  if ARGV[1] ~= '1' then
+    return redis.error_reply('EMA_NOT_FOUND')
+  end
+  -- A history left behind by a deleted hash would refuse the new stream's entry ids.
+  redis.call('DEL', history_key)
+  for field, value in string.gmatch(ARGV[2], '([^=;]+)=([^;]*)') do
+    s[field] = value
+  end
+end
+
+local config, refused = read_config(s)
+if not config then
+  return redis.error_reply('EMA_INVALID ' .. refused)
+end
+local r, state = read_state(s, config)
+local history = tonumber(s.h) or 0
+local auto, reject_late = s.a == '1', s.L == 'r'
+local entries = {}  -- per sample, with a history: its entry, packed
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
+local latest_allowed = now + tonumber(ARGV[6])
+
+for j = 7, #ARGV, 3 do
+  local x, steps, at = parse_sample(j, auto, reject_late, state, now, latest_allowed)
+  if x == nil then
+    return steps
+  end
+  move_epoch(config, r, state, at)
+  if config.dtype == '32' then
+    state.x32 = config.tensorflow.float32(x)
+    if not finite(state.x32) then
+      return refuse('EMA_INVALID', j, 'the value overflows float32')
+    end
+  end
+  -- z is reported for the last sample, and for each in the history
+  local want_z = history > 0 or j + 2 == #ARGV
+  state.z = nil
+  for i = 0, config.count do
+    local why = apply_window(config, i == 0 and config or config.windows[i], r, state, x, steps,
+      at, want_z)
+    if why then
+      return refuse('EMA_INVALID', j, why)
+    end
+  end
+  state.count = state.count + 1
+  state.last = x
+  if history > 0 then
+    local value, slot = r[config.slot], config.slot
+    if config.halflife then
+      value = config.rate and value * math.log(2) / config.halflife or value / r[slot + 1]
+    end
+    local v = config.spread and variance(config, r, state)
+    local nan = 0 / 0
+    entries[#entries + 1] = struct.pack('<ddddd', at, x, value, v and math.sqrt(v) or nan,
+      state.z or nan)
+  end
+end
+
+local text = write_fields(key, s, creating, string.format('%d', state.count),
+  packed(config, r, state, now), state.chunks)
+
+-- Only the newest `history` entries can survive the cap: skip writing the others.
+for e = math.max(1, #entries - history + 1), #entries do
+  redis.call('XADD', history_key, 'MAXLEN', s.h,
+    string.format('%d-0', state.count - #entries + e), 'p', entries[e])
+end
+if s.x then
+  redis.call('EXPIRE', key, s.x)
+  if history > 0 then
+    redis.call('EXPIRE', history_key, s.x)
+  end
+end
+
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], text)
+end
+if idempotency_key then
+  redis.call('SET', idempotency_key, ARGV[3] .. '\n' .. text, 'EX', ARGV[4])
+end
+return text

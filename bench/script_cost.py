@@ -1,0 +1,239 @@
+"""What a push costs Redis itself: the service's push script against a minimal EMA script (HMGET,
+the update, HSET, one formatted reply), as Redis CPU per call from `INFO commandstats`, in one
+run against one private redis-server; then bytes per stream at many fixed-decay streams.
+
+    .venv/bin/python -m bench.script_cost              # about 2 minutes, with the memory figure
+    .venv/bin/python -m bench.script_cost --streams 0  # CPU only, about a minute
+
+Every figure is EVALSHA's `usec_per_call` (Redis' own clock, the script and the commands it calls)
+over `--calls` calls sent in pipelines, after `CONFIG RESETSTAT`. Workloads alternate in
+`--rounds` rounds and each ratio is the median of the rounds' ratios, so that load from other
+processes moves both sides of a ratio alike. The service's calls are built by the service's own
+code (`Scripts.push_call`, the defaults it passes, the stream configured as `PUT` does), so when
+the script or its arguments change, the bench follows. Memory: `used_memory` before and after
+creating `--streams` fixed-decay streams (decay 0.99, events on) with one push of three values
+each (full-precision numbers and a z-score, as a stream has after a while), divided by their
+count.
+"""
+
+import argparse
+import contextlib
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from app.codec import config_fields
+from app.keys import KeyLayout
+from app.models import StreamConfig, Triple, Window
+from app.scripts import Scripts
+from bench.servers import BenchError, RedisServer
+
+STREAMS = 16
+# Calls per pipeline: 1, unpipelined, as the service and redis-benchmark send single pushes
+# (a pipeline keeps Redis' caches warm and makes every call cheaper, the minimal one most).
+PIPELINE = 1
+LAYOUT = KeyLayout("ema:")
+DEFAULTS = config_fields(StreamConfig(decay=0.99))  # the service's default stream
+MINIMAL = """
+local s = redis.call('HMGET', KEYS[1], 'v', 'n')
+local x = tonumber(ARGV[1])
+local v = tonumber(s[1])
+if v then v = v - (1 - 0.99) * (v - x) else v = x end
+local text = string.format('%.17g', v)
+redis.call('HSET', KEYS[1], 'v', text, 'n', (tonumber(s[2]) or 0) + 1)
+return text
+"""
+
+
+@dataclass
+class Workload:
+    label: str
+    config: StreamConfig | None  # None: the minimal script
+    batch: int = 1
+    events: bool = True
+    usec: list[float] | None = None
+
+    def per_value(self) -> list[float]:
+        return [u / self.batch for u in self.usec or []]
+
+
+WORKLOADS = [
+    Workload("minimal EMA script", None),
+    Workload("fixed-decay stream (events on)", StreamConfig(decay=0.99)),
+    Workload("fixed-decay stream, events off", StreamConfig(decay=0.99), events=False),
+    Workload(
+        "halflife stream with 3 windows",
+        StreamConfig(
+            halflife=60.0,
+            windows=[
+                Window(name="5m", halflife=300.0),
+                Window(name="1h", halflife=3600.0),
+                Window(name="fast", decay=0.9),
+            ],
+        ),
+    ),
+    Workload("decay stream with history 1,000", StreamConfig(decay=0.99, history=1000)),
+    Workload("fixed-decay stream, batches of 100", StreamConfig(decay=0.99), batch=100),
+    Workload("fixed-decay stream, batches of 1,000", StreamConfig(decay=0.99), batch=1000),
+]
+
+
+def usec_per_call(client: "redis.Redis") -> float:
+    stats = client.info("commandstats")
+    return float(stats["cmdstat_evalsha"]["usec_per_call"])
+
+
+def measure(
+    client: "redis.Redis", scripts: Scripts, minimal: str, w: Workload, calls: int
+) -> float:
+    rng = random.Random(len(w.label))
+    client.flushall()
+    names = [f"s{i:012d}" for i in range(STREAMS)]
+    if w.config is not None:
+        for name in names:  # as PUT configures a stream
+            client.hset(LAYOUT.stream(name), mapping=dict(config_fields(w.config)))
+    calls = max(3, calls // w.batch)
+    # Warm up (the first push to each stream writes its state fields), then measure.
+    for counting in (False, True):
+        if counting:
+            client.config_resetstat()
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(calls if counting else STREAMS):
+                name = names[i % STREAMS]
+                samples: list[Triple] = [(rng.uniform(0, 100), None, None) for _ in range(w.batch)]
+                if w.config is None:
+                    pipe.evalsha(minimal, 1, LAYOUT.stream(name), repr(samples[0][0]))
+                else:
+                    keys, args = scripts.push_call(
+                        (LAYOUT.stream(name), LAYOUT.history(name)),
+                        samples,
+                        create_with=DEFAULTS,
+                        idempotency=None,
+                        channel=LAYOUT.channel(name) if w.events else None,
+                        max_clock_skew=3600.0,
+                    )
+                    pipe.evalsha(scripts.push_sha, len(keys), *keys, *args)
+                if len(pipe) >= PIPELINE:
+                    pipe.execute()
+            pipe.execute()
+    return usec_per_call(client)
+
+
+def bytes_per_stream(client: "redis.Redis", scripts: Scripts, count: int, workdir: Path) -> str:
+    client.flushall()
+    before = int(client.info("memory")["used_memory"])
+    path = workdir / "create.resp"
+    with path.open("wb") as out:
+        for index in range(count):
+            name = f"s{index:012d}"
+            keys, args = scripts.push_call(
+                (LAYOUT.stream(name), LAYOUT.history(name)),
+                [(1.5, None, None), (2.718281828459045, None, None), (0.1, None, None)],
+                create_with=DEFAULTS,
+                idempotency=None,
+                channel=LAYOUT.channel(name),
+                max_clock_skew=3600.0,
+            )
+            out.write(resp(["EVALSHA", scripts.push_sha, str(len(keys)), *keys, *args]))
+    with path.open("rb") as stdin:
+        done = subprocess.run(
+            ["redis-cli", "-p", str(client.connection_pool.connection_kwargs["port"]), "--pipe"],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    path.unlink()
+    if done.returncode != 0 or "errors: 0," not in done.stdout:
+        raise BenchError(f"redis-cli --pipe failed:\n{done.stdout}\n{done.stderr}")
+    after = int(client.info("memory")["used_memory"])
+    if client.dbsize() != count:
+        raise BenchError(f"expected {count:,} streams, Redis holds {client.dbsize():,} keys")
+    key = LAYOUT.stream("s000000000000")
+    usage = client.memory_usage(key, samples=0)
+    with redis.Redis(port=client.connection_pool.connection_kwargs["port"]) as raw:
+        fields = raw.hgetall(key)
+    shown = " ".join(f"{k.decode()}=<{len(v)} bytes>" for k, v in fields.items())
+    return (
+        f"{count:,} fixed-decay streams: used_memory grew by **{(after - before) / count:.0f} "
+        f"bytes per stream**; `MEMORY USAGE` of one: {usage} bytes; its fields: {shown}"
+    )
+
+
+def resp(argv: list[str]) -> bytes:
+    parts = [f"*{len(argv)}\r\n".encode()]
+    for arg in argv:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+@contextlib.contextmanager
+def private_redis(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=3000, help="values per figure and round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--streams", type=int, default=1_000_000, help="0: no memory figure")
+    args = parser.parse_args()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    started = time.monotonic()
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="ema-cost-") as tmp,
+            private_redis(Path(tmp)) as server,
+            server.client() as client,
+        ):
+            scripts = Scripts(client)  # type: ignore[arg-type]  # push_call needs no async client
+            client.script_load(scripts.push_source)
+            minimal = client.script_load(MINIMAL)
+            for round_ in range(args.rounds):
+                print(f"round {round_ + 1} of {args.rounds}", file=sys.stderr, flush=True)
+                for w in WORKLOADS:
+                    usec = measure(client, scripts, minimal, w, args.calls)
+                    w.usec = [*(w.usec or []), usec]
+            memory = (
+                bytes_per_stream(client, scripts, args.streams, Path(tmp)) if args.streams else ""
+            )
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    floor = WORKLOADS[0].per_value()
+    print(
+        f"load average before / after: {load} / "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+        + f"; {args.rounds} rounds of {args.calls:,} values per figure; "
+        f"took {time.monotonic() - started:.0f}s\n"
+    )
+    print("| push | Redis µs per call | µs per value | x the minimal script (per value) |")
+    print("| --- | ---: | ---: | ---: |")
+    for w in WORKLOADS:
+        ratios = [v / f for v, f in zip(w.per_value(), floor, strict=True)]
+        print(
+            f"| {w.label} | {statistics.median(w.usec or []):.1f} | "
+            f"{statistics.median(w.per_value()):.2f} | {statistics.median(ratios):.2f} |"
+        )
+    if memory:
+        print("\n" + memory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
