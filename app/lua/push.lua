@@ -207,8 +207,9 @@ local function read_config(s)
   local rate = s.k == 'r'
   -- r's slots: b p with a decay, q w z unless a rate, then the windows' numbers.
   local size = (decay and 2 or 0) + (rate and 0 or 3)
+  -- Eight fields at most, so that the table is made at its size and no larger; a stream with A
+  -- gets `tensorflow` too (the helpers).
   local config = {
-    tensorflow = nil,  -- tensorflow(), for a stream with A
     dtype = dtype,
     decay = decay,
     halflife = halflife,
@@ -252,12 +253,15 @@ end
 -- stream before its first push, or written before s existed; absent numbers stay nil).
 local function read_state(s, config)
   local r, last, used, epoch, mean
-  local size, chunks = config.size, 0
+  local size = config.size
   if s.s then
     local blob = s.s
-    while s['s' .. chunks + 1] do
-      chunks = chunks + 1
-      blob = blob .. s['s' .. chunks]
+    if s.s1 then
+      local chunk = 1
+      while s['s' .. chunk] do
+        blob = blob .. s['s' .. chunk]
+        chunk = chunk + 1
+      end
     end
     local stored = #blob / 8
     r = {struct.unpack('<' .. string.rep('d', stored), blob)}
@@ -294,11 +298,9 @@ local function read_state(s, config)
       end
     end
   end
-  -- Every field named here, nil ones too, so that the table is made at its full size.
+  -- Every field named here, nil ones too, so that the table is made at its full size (eight:
+  -- one more would double it).
   local state = {
-    count = tonumber(s.n),
-    chunks = chunks,  -- s1, s2, ... stored
-    last = last,
     used = used,
     epoch = epoch,
     biased = config.decay and r[1],
@@ -307,9 +309,8 @@ local function read_state(s, config)
     spread = config.spread and r[config.slot - 3],
     spread_weight = config.spread and r[config.slot - 2],
     z = nil,
-    x32 = nil,
   }
-  return r, state
+  return r, state, last
 end
 
 -- Whether x must be stored to stand for itself rather than `default` (bit for bit: 0 and -0
@@ -319,7 +320,7 @@ local function differs(x, default)
 end
 
 -- s packed from r and state, in the order the header gives.
-local function packed(config, r, state, now)
+local function packed(config, r, state, now, last)
   local size = config.size
   if config.decay then
     r[1], r[2] = state.biased, state.product
@@ -328,7 +329,7 @@ local function packed(config, r, state, now)
     r[config.slot - 3], r[config.slot - 2] = state.spread, state.spread_weight
     r[config.slot - 1] = state.z or 0 / 0
   end
-  r[size + 1], r[size + 2] = now, state.last
+  r[size + 1], r[size + 2] = now, last
   local k = size + 2
   local mean = config.decay and config.spread and state.mean
   if mean and differs(mean, r[config.slot]) then
@@ -344,7 +345,7 @@ end
 
 -- ARGV[j..j+2] as (value, num_updates or nil, time), or nil and the error. `auto`: a sample
 -- without num_updates uses the count; `reject_late`: one older than the epoch is refused.
-local function parse_sample(j, auto, reject_late, state, now, latest_allowed)
+local function parse_sample(j, auto, reject_late, count, state, now, latest_allowed)
   local x = decimal(ARGV[j])
   if x == nil then
     return nil, refuse('EMA_INVALID', j, 'not a finite number')
@@ -356,7 +357,7 @@ local function parse_sample(j, auto, reject_late, state, now, latest_allowed)
       return nil, refuse('EMA_INVALID', j, 'num_updates must be an integer in [0, 1e15]')
     end
   elseif auto then
-    steps = state.count
+    steps = count
   end
   local at = now
   if ARGV[j + 2] ~= '' then
@@ -471,7 +472,7 @@ local function update_spread(state, x, d, weight, sum, total, want_z)
 end
 
 -- One sample into window w (config itself for the main value); the error if it overflows.
-local function apply_window(config, w, r, state, x, steps, at, want_z)
+local function apply_window(config, w, r, state, x, x32, steps, at, want_z)
   local slot = w.slot
   if w.halflife then
     local weight = 2 ^ ((at - state.epoch) / w.halflife)
@@ -508,7 +509,7 @@ local function apply_window(config, w, r, state, x, steps, at, want_z)
     end
     local step, held = tf.step64, x
     if dtype == '32' then
-      step, held = tf.step32, state.x32
+      step, held = tf.step32, x32
     end
     if shadow then
       shadow = step(shadow, held, one_minus_decay)
@@ -548,9 +549,10 @@ end
 -- over from a longer one), the configuration too when creating, and deletes the text layout's
 -- state fields (l t u E b p V M q w m z v S Z, and <field>:<window>) of an older stream.
 -- Returns the stream as the reply's text.
-local function write_fields(key, s, creating, n, blob, chunks)
+local function write_fields(key, s, creating, n, blob)
   local text = ''
   local fields, old
+  local chunks = 0  -- s1, s2, ... stored
   if creating or #blob > 64 then
     fields = {'n', n, 's', string.sub(blob, 1, 64)}
     for c = 1, math.ceil(#blob / 64) - 1 do
@@ -558,26 +560,27 @@ local function write_fields(key, s, creating, n, blob, chunks)
       fields[#fields + 1] = string.sub(blob, 64 * c + 1, 64 * c + 64)
     end
   end
-  for c = math.max(1, math.ceil(#blob / 64)), chunks do
-    old = old or {}
-    old[#old + 1] = 's' .. c
-  end
+  -- Configuration fields are one letter; so are the text layout's state fields, and the rest
+  -- are chunks of s (s1, ...) or a window's text state (v:<name>, ...).
   for field, value in pairs(s) do
-    if field == 'n' or field == 's' or not value or string.find(field, '^s%d') then
-      -- written here, absent (false: see the read), or a chunk of s
-    elseif (#field == 1 and string.find('ltuEbpVMqwmzvSZ', field, 1, true))
-        or string.find(field, ':', 1, true) then
-      if not creating then
-        old = old or {}
-        old[#old + 1] = field
-      end
-    else
+    if field == 'n' or field == 's' or not value then
+      -- written here, or absent (false: see the read)
+    elseif #field == 1 and not string.find('ltuEbpVMqwmzvSZ', field, 1, true) then
       text = text .. field .. '=' .. value .. ';'
       if creating then
         fields[#fields + 1] = field
         fields[#fields + 1] = value
       end
+    elseif string.find(field, '^s%d+$') then
+      chunks = chunks + 1
+    elseif not creating then
+      old = old or {}
+      old[#old + 1] = field
     end
+  end
+  for c = math.max(1, math.ceil(#blob / 64)), chunks do
+    old = old or {}
+    old[#old + 1] = 's' .. c
   end
   if fields then
     redis.call('HSET', key, unpack(fields))
@@ -629,7 +632,8 @@ local config, refused = read_config(s)
 if not config then
   return redis.error_reply('EMA_INVALID ' .. refused)
 end
-local r, state = read_state(s, config)
+local r, state, last = read_state(s, config)
+local count = tonumber(s.n)
 local history = tonumber(s.h) or 0
 local auto, reject_late = s.a == '1', s.L == 'r'
 local entries = {}  -- per sample, with a history: its entry, packed
@@ -639,14 +643,15 @@ local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
 local latest_allowed = now + tonumber(ARGV[6])
 
 for j = 7, #ARGV, 3 do
-  local x, steps, at = parse_sample(j, auto, reject_late, state, now, latest_allowed)
+  local x, steps, at = parse_sample(j, auto, reject_late, count, state, now, latest_allowed)
   if x == nil then
     return steps
   end
   move_epoch(config, r, state, at)
+  local x32
   if config.dtype == '32' then
-    state.x32 = config.tensorflow.float32(x)
-    if not finite(state.x32) then
+    x32 = config.tensorflow.float32(x)
+    if not finite(x32) then
       return refuse('EMA_INVALID', j, 'the value overflows float32')
     end
   end
@@ -654,14 +659,14 @@ for j = 7, #ARGV, 3 do
   local want_z = history > 0 or j + 2 == #ARGV
   state.z = nil
   for i = 0, config.count do
-    local why = apply_window(config, i == 0 and config or config.windows[i], r, state, x, steps,
-      at, want_z)
+    local why = apply_window(config, i == 0 and config or config.windows[i], r, state, x, x32,
+      steps, at, want_z)
     if why then
       return refuse('EMA_INVALID', j, why)
     end
   end
-  state.count = state.count + 1
-  state.last = x
+  count = count + 1
+  last = x
   if history > 0 then
     local value, slot = r[config.slot], config.slot
     if config.halflife then
@@ -674,13 +679,13 @@ for j = 7, #ARGV, 3 do
   end
 end
 
-local text = write_fields(key, s, creating, string.format('%d', state.count),
-  packed(config, r, state, now), state.chunks)
+local text = write_fields(key, s, creating, string.format('%d', count),
+  packed(config, r, state, now, last))
 
 -- Only the newest `history` entries can survive the cap: skip writing the others.
 for e = math.max(1, #entries - history + 1), #entries do
   redis.call('XADD', history_key, 'MAXLEN', s.h,
-    string.format('%d-0', state.count - #entries + e), 'p', entries[e])
+    string.format('%d-0', count - #entries + e), 'p', entries[e])
 end
 if s.x then
   redis.call('EXPIRE', key, s.x)
