@@ -11,6 +11,7 @@ from importlib.resources import files
 from typing import cast
 
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import NoScriptError
 
 from app.codec import decode_fields, encode_fields, number
 from app.models import Triple
@@ -33,6 +34,7 @@ class Scripts:
     """Typed handles on the Lua scripts, bound to one Redis client."""
 
     def __init__(self, client: "Redis | RedisCluster") -> None:
+        self._client = client
         self._push = client.register_script(load_source("push"))
 
     @property
@@ -64,7 +66,21 @@ class Scripts:
             channel=channel,
             max_clock_skew=max_clock_skew,
         )
-        return push_reply(await self._push(keys=all_keys, args=args))
+        # EVALSHA itself, as redis-py's Script would send it, without its per-call overhead; a
+        # NOSCRIPT (an emptied script cache) did not run: load the script and call it again.
+        command: tuple[str | int, ...] = (
+            "EVALSHA",
+            self._push.sha,
+            len(all_keys),
+            *all_keys,
+            *args,
+        )
+        try:
+            reply = await self._client.execute_command(*command)
+        except NoScriptError:
+            await self._client.script_load(self.push_source)
+            reply = await self._client.execute_command(*command)
+        return push_reply(reply)
 
     def push_call(
         self,
