@@ -10,6 +10,8 @@ With several worker processes each keeps its values in files in `PROMETHEUS_MULT
 worker answers it, adds up every worker's.
 """
 
+import asyncio
+import bisect
 import os
 import platform
 import re
@@ -156,6 +158,13 @@ class Metrics:
         # Labelled children, looked up once per label set: the push path is benchmarked.
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._routes: RouteMatcher | None = None
+        # What requests and script calls add up to in this event-loop turn, written to the
+        # metrics at its end (and before a scrape): with several workers each write goes to a
+        # memory-mapped file (a lock, a getpid, a store), which per request and per call cost a
+        # push more than all its other bookkeeping.
+        self._counts: dict[Counter, float] = {}
+        self._observed: dict[Histogram, list[float]] = {}  # [sum, count per bucket...]
+        self._flush_scheduled = False
 
     # --- the request middleware's and the store's reports -----------------------------------
 
@@ -172,8 +181,8 @@ class Metrics:
             labels = (*key[:2], str(status))
             children = self.requests.labels(*labels), self.request_duration.labels(*labels)
             self._children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self._count(children[0])
+        self._observe(children[1], seconds)
 
     def precreate_routes(self, routes: Sequence[BaseRoute]) -> None:
         """Every route's 5xx request counters, at zero from the start: a rate or increase over
@@ -188,17 +197,57 @@ class Metrics:
                     self.requests.labels(template, method, status)
 
     def script_ran(self, seconds: float) -> None:
-        self.script_duration.observe(seconds)
+        self._observe(self.script_duration, seconds)
 
     def applied(self, values: int) -> None:
-        self.pushes.inc()
-        self.values_applied.inc(values)
+        self._count(self.pushes)
+        self._count(self.values_applied, values)
 
     def redis_error(self, kind: str) -> None:
         self.redis_errors.labels(kind).inc()
 
+    def _count(self, counter: Counter, amount: float = 1) -> None:
+        self._counts[counter] = self._counts.get(counter, 0) + amount
+        self._flush_soon()
+
+    def _observe(self, histogram: Histogram, value: float) -> None:
+        observed = self._observed.get(histogram)
+        if observed is None:
+            observed = self._observed[histogram] = [0.0] * (1 + len(histogram._upper_bounds))
+        observed[0] += value
+        # The bucket observe() would count it in: the first bound at or above it.
+        observed[1 + bisect.bisect_left(histogram._upper_bounds, value)] += 1
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: nothing to wait for
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what was counted since the last flush to the metrics."""
+        self._flush_scheduled = False
+        counts, self._counts = self._counts, {}
+        for counter, amount in counts.items():
+            counter.inc(amount)
+        observed, self._observed = self._observed, {}
+        for histogram, (total, *buckets) in observed.items():
+            # observe() for each value, added up: its sum, and the count of each bucket (the
+            # histogram keeps them per bucket, cumulated as it is collected).
+            histogram._sum.inc(total)
+            for bucket, count in zip(histogram._buckets, buckets, strict=True):
+                if count:
+                    bucket.inc(count)
+
     def close(self) -> None:
         """This process stops: drop its share of the live gauges (open subscriptions)."""
+        self.flush()
         if self._multiprocess_dir is not None:
             mark_process_dead(os.getpid(), self._multiprocess_dir)  # type: ignore[no-untyped-call]
 
@@ -207,6 +256,7 @@ class Metrics:
     async def scrape(self, store: StreamStore, accept: str | None) -> tuple[bytes, str]:
         """The exposition for one scrape, in the format the `Accept` header asks for (the text
         format by default, OpenMetrics if asked), and its content type."""
+        self.flush()
         states, truncated = await self._streams(store)
         collector = StreamGauges(self._collector(), states, truncated)
         encoder, content_type = choose_encoder(accept or "")

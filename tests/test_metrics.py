@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 import redis
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -25,6 +27,7 @@ from app.metrics import (
     MULTIPROC_DIR,
     REDIS_ERROR_KINDS,
     UNMATCHED,
+    Metrics,
     RouteMatcher,
     multiprocess_directory,
     remove_multiprocess_directory,
@@ -460,3 +463,36 @@ def test_workers_get_a_private_metrics_folder_and_stale_ones_go(
     remove_multiprocess_directory(path)
     assert not Path(path).exists()
     assert MULTIPROC_DIR not in os.environ
+
+
+@pytest.mark.anyio
+async def test_counts_added_up_in_a_loop_turn_read_as_each_one_observed() -> None:
+    # Values on, between and beyond the buckets' bounds, reported in one event-loop turn.
+    seconds = [0.0, 0.0001, 0.00010001, 0.0025, 0.003, 0.1, 0.1, 4.9, 5.0, 7.5, 1e9]
+    metrics = Metrics()
+    for value in seconds:
+        metrics.script_ran(value)
+    metrics.applied(3)
+    metrics.applied(1000)
+    await anyio.lowlevel.checkpoint()  # the turn ends: what it counted is written
+
+    def samples(registry: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (sample.name, sample.labels, sample.value)
+            for family in registry.collect()
+            if family.name == "ema_script_duration_seconds"
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        ]
+
+    # prometheus-client's own Histogram, given each value by observe(), as the reference.
+    mine = samples(metrics.registry)
+    bounds = [float(labels["le"]) for name, labels, _ in mine if name.endswith("_bucket")]
+    reference = CollectorRegistry()
+    histogram = Histogram("ema_script_duration_seconds", "", buckets=bounds, registry=reference)
+    for value in seconds:
+        histogram.observe(value)
+    assert len(bounds) > 10
+    assert mine == samples(reference)
+    assert metrics.registry.get_sample_value("ema_pushes_total") == 2
+    assert metrics.registry.get_sample_value("ema_values_applied_total") == 1003
