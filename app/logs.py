@@ -6,6 +6,8 @@ echoed in the response. Request lines carry the path without its query string (w
 an `api_key`) and the name of the API key used, never the key.
 """
 
+import asyncio
+import contextlib
 import json
 import logging
 import logging.config
@@ -71,6 +73,38 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class TurnBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr, written once per event-loop turn: the lines a turn logs (a busy worker's access
+    lines) go out in one write rather than one each. Outside an event loop, at once; what is
+    pending when the process exits is written by logging's shutdown (a flush)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # another thread, or no loop yet
+            self.flush()
+            return
+        if len(self._pending) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock if self.lock is not None else contextlib.nullcontext():
+            if self._pending:
+                lines, self._pending = self._pending, []
+                self.stream.write("".join(lines))
+            super().flush()
+
+
 def resolve_format(fmt: str) -> str:
     """`auto`: readable lines when stderr is a terminal (someone is reading), JSON otherwise
     (a file, a pipe, a log collector)."""
@@ -88,7 +122,7 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "default"},
+            "stderr": {"class": "app.logs.TurnBatchedHandler", "formatter": "default"},
         },
         "root": {"handlers": ["stderr"], "level": level.upper()},
         "loggers": {

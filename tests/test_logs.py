@@ -1,18 +1,23 @@
 """Structured logs: one JSON line per request, with its request id and no secrets."""
 
+import asyncio
+import io
 import json
 import logging
 import os
 import pty
 import re
 import sys
+import weakref
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
 from app.auth import ApiKey, hash_key
-from app.logs import JsonFormatter, TextFormatter
+from app.logs import JsonFormatter, TextFormatter, TurnBatchedHandler
 from tests.redis_server import RedisServer
 from tests.service import ServiceProcess
 from tests.utils import make_settings, serve
@@ -137,3 +142,38 @@ def test_text_lines_carry_the_extra_fields_and_the_traceback() -> None:
     assert first.endswith(" ERROR   t: failed x  n=3")
     assert rest[0] == "Traceback (most recent call last):"
     assert rest[-1] == "ValueError: boom"
+
+
+class Writes(io.StringIO):
+    """A stream that remembers each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+@pytest.mark.anyio
+async def test_lines_logged_in_one_event_loop_turn_go_out_in_one_write() -> None:
+    stream = Writes()
+    handler = TurnBatchedHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("test.batched")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("one")
+        log.warning("two")
+        assert stream.writes == []  # not before the turn ends
+        await anyio.lowlevel.checkpoint()
+        assert stream.writes == ["one\ntwo\n"]
+        await asyncio.to_thread(log.warning, "from a thread")  # no loop there: at once
+        assert stream.writes[1:] == ["from a thread\n"]
+        log.warning("at exit")
+        logging.shutdown([weakref.ref(handler)])  # what logging does as the process exits
+        assert stream.writes[2:] == ["at exit\n"]
+    finally:
+        log.removeHandler(handler)
