@@ -221,7 +221,9 @@ def state_data(name: str, fields: Mapping[str, str], now: float | None = None) -
         "decay_used": _float(fields.get("u")),
         "updated_at": _float(fields.get("t")),
         "variance": variance,
-        "std": None if variance is None else math.sqrt(variance),
+        # A variance rounded below zero (a late sample's Welford step) has no deviation: as
+        # push.lua, whose square root of it is NaN, written null.
+        "std": None if variance is None or variance < 0 else math.sqrt(variance),
         "z": float(spread[3]) if spread[3] else None,
         "timestamp": _float(fields.get("E")),
         "windows": windows,
