@@ -195,9 +195,11 @@ end
 -- main value is a window too: config holds its decay or halflife and its slot in the state
 -- array r; the named windows (W) are config.windows, each with its own.
 local function read_config(s)
-  local decay, halflife = decimal(s.d), decimal(s.H)
-  if (decay == nil) == (halflife == nil) or (decay and (decay < 0 or decay > 1))
-      or (halflife and halflife <= 0) then
+  -- Written by the service (validated), so tonumber without decimal's pattern; x - x is NaN
+  -- for an infinite or NaN x.
+  local decay, halflife = tonumber(s.d), tonumber(s.H)
+  if (decay == nil) == (halflife == nil) or (decay and not (decay >= 0 and decay <= 1))
+      or (halflife and not (halflife > 0 and halflife - halflife == 0)) then
     return nil, 'the stream needs a decay in [0, 1] or a halflife > 0'
   end
   local dtype = s.A
@@ -339,7 +341,12 @@ local function packed(config, r, state, now, last)
   elseif differs(state.used, config.decay or 1) then
     k = k + 1
   end
-  r[size + 3], r[size + 4], r[size + 5] = state.used, state.epoch, mean
+  if k > size + 2 then
+    r[size + 3] = state.used
+    if k > size + 3 then
+      r[size + 4], r[size + 5] = state.epoch, mean  -- (m is packed only when k reaches it)
+    end
+  end
   return struct.pack('<' .. string.rep('d', k), unpack(r, 1, k))
 end
 
