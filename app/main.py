@@ -26,10 +26,9 @@ from app.events import AnyClusterNode, EventHub
 from app.keys import KeyLayout
 from app.lifetime import worker_dies_with_supervisor
 from app.metrics import Metrics
-from app.models import StreamConfig
 from app.routes import events, health, metrics, streams, ui, values
 from app.settings import Settings
-from app.store import StreamStore
+from app.store import open_store
 
 log = logging.getLogger("app")
 
@@ -175,27 +174,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded = EmbeddedRedis(settings.data_dir)
         url = await anyio.to_thread.run_sync(embedded.start)
     client = redis_client(url, settings)
-    defaults = StreamConfig(
-        decay=settings.default_decay,
-        initial=settings.default_initial,
-        auto_num_updates=settings.default_auto_num_updates,
-        history=settings.default_history,
-    )
-    layout = KeyLayout(settings.key_prefix)
-    app.state.store = StreamStore(
-        client,
-        layout,
-        defaults=defaults if settings.auto_create else None,
-        max_batch=settings.max_batch,
-        idempotency_seconds=settings.idempotency_seconds,
-        announce=settings.events,
-        retry_after=settings.retry_after,
-        max_clock_skew=settings.max_clock_skew,
-        observer=app.state.metrics,
-    )
+    app.state.store = open_store(client, settings, observer=app.state.metrics)
     app.state.hub = hub = EventHub(
         AnyClusterNode(client) if isinstance(client, RedisCluster) else client,
-        layout,
+        KeyLayout(settings.key_prefix),
         queue_size=settings.subscriber_queue,
         max_subscriptions=settings.max_subscriptions,
     )

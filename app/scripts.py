@@ -1,8 +1,10 @@
-"""The service's Lua scripts: loaded from `app/lua/`, registered once per client, called through
-typed wrappers.
+"""The push script, `app/lua/push.lua`: registered once on the Redis client, with the arguments
+that are the same for every push (the defaults a push creates a stream with, the clock skew
+allowed) encoded once.
 
-redis-py's `Script` calls EVALSHA and, on NOSCRIPT (a restarted or failed-over Redis has an empty
-script cache), loads the script and retries once, so the cache never needs warming by hand.
+A push is sent as EVALSHA; on NOSCRIPT (a restarted or failed-over Redis has an empty script
+cache, and the command did not run) the script is loaded and called again, as redis-py's
+`Script` does, so the cache never needs warming by hand.
 """
 
 from collections.abc import Mapping, Sequence
@@ -30,77 +32,48 @@ class Idempotency:
     seconds: int
 
 
-class Scripts:
-    """Typed handles on the Lua scripts, bound to one Redis client."""
+class PushScript:
+    """push.lua on one client. A push is `call` (its KEYS and ARGV), then `run` (alone) or an
+    EVALSHA of `sha` in a pipeline, whose reply `push_reply` reads."""
 
-    def __init__(self, client: "Redis | RedisCluster") -> None:
+    def __init__(
+        self,
+        client: "Redis | RedisCluster",
+        *,
+        create_with: Mapping[str, str] | None,
+        max_clock_skew: float,
+    ) -> None:
+        """`create_with`: the hash a push to a missing stream creates it with; None makes such
+        a push fail (EMA_NOT_FOUND)."""
         self._client = client
-        self._push = client.register_script(load_source("push"))
+        self._script = client.register_script(load_source("push"))
+        self._create = ["0" if create_with is None else "1", encode_fields(create_with or {})]
+        self._max_clock_skew = number(max_clock_skew)
 
     @property
-    def push_sha(self) -> str:
-        return self._push.sha
+    def sha(self) -> str:
+        return self._script.sha
 
     @property
-    def push_source(self) -> str:
-        return str(self._push.script)
+    def source(self) -> str:
+        return str(self._script.script)
 
-    async def push(
+    def call(
         self,
         keys: tuple[str, str],
         samples: Sequence[Triple],
         *,
-        create_with: Mapping[str, str] | None,
         idempotency: Idempotency | None,
         channel: str | None,
-        max_clock_skew: float,
-    ) -> tuple[dict[str, str], bool]:
-        """Apply `samples` (value, num_updates, timestamp) in order, creating the stream with the
-        hash `create_with` if it is missing. Returns the stream's hash fields, and whether they
-        are the stored reply of an earlier push with the same idempotency key."""
-        all_keys, args = self.push_call(
-            keys,
-            samples,
-            create_with=create_with,
-            idempotency=idempotency,
-            channel=channel,
-            max_clock_skew=max_clock_skew,
-        )
-        # EVALSHA itself, as redis-py's Script would send it, without its per-call overhead; a
-        # NOSCRIPT (an emptied script cache) did not run: load the script and call it again.
-        command: tuple[str | int, ...] = (
-            "EVALSHA",
-            self._push.sha,
-            len(all_keys),
-            *all_keys,
-            *args,
-        )
-        try:
-            reply = await self._client.execute_command(*command)
-        except NoScriptError:
-            await self._client.script_load(self.push_source)
-            reply = await self._client.execute_command(*command)
-        return push_reply(reply)
-
-    def push_call(
-        self,
-        keys: tuple[str, str],
-        samples: Sequence[Triple],
-        *,
-        create_with: Mapping[str, str] | None,
-        idempotency: Idempotency | None,
-        channel: str | None,
-        max_clock_skew: float,
     ) -> tuple[list[str], list[str]]:
-        """The KEYS and ARGV of `push`, for a pipeline: EVALSHA push_sha len(KEYS) *KEYS *ARGV;
-        its reply is read with `push_reply`."""
-        args: list[str] = [
-            "0" if create_with is None else "1",
-            encode_fields(create_with or {}),
+        """The KEYS and ARGV that apply `samples` (value, num_updates, timestamp) in order to the
+        stream whose hash and history are `keys`, announcing the update on `channel`."""
+        args = [
+            *self._create,
             idempotency.fingerprint if idempotency else "",
             str(idempotency.seconds) if idempotency else "0",
             channel or "",
-            number(max_clock_skew),
+            self._max_clock_skew,
         ]
         for value, num_updates, timestamp in samples:
             args.append(number(value))
@@ -108,6 +81,18 @@ class Scripts:
             args.append("" if timestamp is None else number(timestamp))
         all_keys = [*keys, idempotency.key] if idempotency else list(keys)
         return all_keys, args
+
+    async def run(self, keys: list[str], args: list[str]) -> tuple[dict[str, str], bool]:
+        """One `call` on its own: the stream's hash fields, and whether they are the stored
+        reply of an earlier push with the same idempotency key."""
+        # EVALSHA itself, as redis-py's Script would send it, without its per-call overhead.
+        command: tuple[str | int, ...] = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        try:
+            reply = await self._client.execute_command(*command)
+        except NoScriptError:
+            await self._client.script_load(self.source)
+            reply = await self._client.execute_command(*command)
+        return push_reply(reply)
 
 
 _REPLAYED = "replayed\n"

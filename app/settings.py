@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.auth import ApiKey
 from app.keys import NAME_PATTERN, NAME_RULE
+from app.models import StreamConfig
 
 _API_KEY_LIST = TypeAdapter(list[ApiKey])
 
@@ -121,6 +122,18 @@ class Settings(BaseSettings):
             raise ValueError(f"api_keys_file: cannot read {path} ({error.strerror})") from None
         given = data.get("api_keys") or []
         return {**data, "api_keys": [*_API_KEY_LIST.validate_python(given), *listed]}
+
+    def stream_defaults(self) -> StreamConfig | None:
+        """The configuration a push to a missing stream creates it with; None when such a push
+        is refused (auto_create off)."""
+        if not self.auto_create:
+            return None
+        return StreamConfig(
+            decay=self.default_decay,
+            initial=self.default_initial,
+            auto_num_updates=self.default_auto_num_updates,
+            history=self.default_history,
+        )
 
     @property
     def metrics_prefixes(self) -> tuple[str, ...]:

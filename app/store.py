@@ -1,4 +1,8 @@
-"""StreamStore: the only code that talks to Redis. Driver errors become domain errors here."""
+"""The store: the only code that talks to Redis, in the shape of limits' RedisStorage and
+RedisClusterStorage. StreamStore keeps the streams on one Redis server; ClusterStreamStore, on a
+Redis Cluster, overrides only what differs there: pushes grouped by node, listings walking every
+primary, the script loaded on a new primary, Redis' clock read through a key, readiness. Errors
+of the Redis client become domain errors in one place, `_domain_error`."""
 
 import asyncio
 import base64
@@ -8,8 +12,8 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -23,7 +27,8 @@ from app.codec import config_fields, encode_fields, history_entry, number, state
 from app.errors import InvalidInput, LateSample, ServiceError, StoreUnavailable, StreamNotFound
 from app.keys import NAME_PATTERN, KeyLayout
 from app.models import HistoryPage, StreamConfig, StreamPage, StreamState, Triple
-from app.scripts import Idempotency, Scripts, push_reply
+from app.scripts import Idempotency, PushScript, push_reply
+from app.settings import Settings
 
 # Replies that mean "Redis cannot serve this right now": worth a 503 and a retry, never a 500.
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
@@ -44,6 +49,9 @@ _VALID_NAME = re.compile(NAME_PATTERN)
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 _IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 IDEMPOTENCY_KEY_RULE = "1 to 255 visible ASCII characters"
+# Redis' clock, read by a script on the node of the key it is given (see _queue_time).
+_TIME_SCRIPT = "return redis.call('TIME')"
+_PUBLISH_SCRIPT = "return redis.call('PUBLISH', ARGV[1], ARGV[2])"
 
 
 class StoreObserver(Protocol):
@@ -68,55 +76,68 @@ class PushRequest:
 # What happened to one entry of a bulk push: its new state and whether it was an idempotent
 # replay, or the error that entry alone got.
 PushOutcome = tuple[StreamState, bool] | ServiceError
+# A push as sent to Redis: its script's KEYS and ARGV.
+PushCall = tuple[list[str], list[str]]
+
+
+def open_store(
+    client: "Redis | RedisCluster", settings: Settings, observer: StoreObserver | None = None
+) -> "StreamStore":
+    """The store for `client`: a cluster's, or a single server's."""
+    if isinstance(client, RedisCluster):
+        return ClusterStreamStore(client, settings, observer)
+    return StreamStore(client, settings, observer)
 
 
 class StreamStore:
-    """Named EMA streams kept in Redis hashes, updated by one Lua script."""
+    """Named EMA streams kept in Redis hashes, updated by one Lua script, on one Redis server."""
 
     def __init__(
         self,
         client: "Redis | RedisCluster",
-        layout: KeyLayout,
-        *,
-        defaults: StreamConfig | None,
-        max_batch: int,
-        idempotency_seconds: int = 86_400,
-        announce: bool = True,
-        retry_after: int = 1,
-        max_clock_skew: float = 3600.0,
+        settings: Settings,
         observer: StoreObserver | None = None,
     ) -> None:
-        """`defaults` configures streams created by a push; None makes such a push a 404.
-        `announce` publishes every update for subscribers. A sample's timestamp may be at most
-        `max_clock_skew` seconds past Redis server time."""
         self._client = client
-        self._layout = layout
-        self._scripts = Scripts(client)
-        self._create_with = None if defaults is None else config_fields(defaults)
-        self._max_clock_skew = max_clock_skew
-        self._max_batch = max_batch
-        self._idempotency_seconds = idempotency_seconds
-        self._announce = announce
-        self._retry_after = retry_after
+        self._layout = KeyLayout(settings.key_prefix)
+        defaults = settings.stream_defaults()
+        self._push_script = PushScript(
+            client,
+            create_with=None if defaults is None else config_fields(defaults),
+            max_clock_skew=settings.max_clock_skew,
+        )
+        self._max_batch = settings.max_batch
+        self._idempotency_seconds = settings.idempotency_seconds
+        self._announce = settings.events
+        self._retry_after = settings.retry_after
         self._observer = observer
 
-    @asynccontextmanager
-    async def _errors(self) -> AsyncIterator[None]:
+    # --- errors ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, name: str | None = None) -> Iterator[None]:
+        """Raises the domain error for an error of the Redis client in the block (see
+        `_domain_error`); an unexpected one goes on as it is, a 500 logged with its traceback."""
         try:
             yield
         except _CLIENT_ERRORS as error:
-            unavailable = self._unavailable(error)
-            if unavailable is not None:
-                raise unavailable from error
-            if not isinstance(error, _CLIENT_ERRORS[:2]):
-                raise  # a bug of ours, not the client's
-            if not str(error).startswith("EMA_"):  # the push script's own refusals are not
-                self._report_error("error")
-            raise
+            failure = self._domain_error(error, name)
+            if failure is None:
+                raise
+            raise failure from error
 
-    def _unavailable(self, error: Exception) -> StoreUnavailable | None:
-        """The 503 for an error that means "Redis cannot serve this right now" (reported to
-        the observer), or None for any other error."""
+    def _domain_error(self, error: BaseException, name: str | None = None) -> ServiceError | None:
+        """The one translation of what the Redis client raised, or replied in a pipeline, into
+        a domain error, reported to the observer: a 503 for "Redis cannot serve this right now",
+        the push script's own refusals (for the stream `name`), and None for an unexpected error
+        (reported as such unless it is not Redis' at all: a bug of ours)."""
+        if isinstance(error, redis_errors.NoScriptError):  # in a pipeline: not run
+            return StoreUnavailable(
+                "the push script was not loaded on its Redis node; not applied",
+                retry_after=self._retry_after,
+            )
+        if isinstance(error, redis_errors.ResponseError) and str(error).startswith("EMA_"):
+            return None if name is None else _script_refusal(name, error)
         if isinstance(error, redis_errors.ConnectionError | redis_errors.TimeoutError) or (
             isinstance(error, AttributeError | TypeError) and _raised_in_redis_client(error)
         ):
@@ -147,46 +168,73 @@ class StreamStore:
             return StoreUnavailable(
                 f"Redis Cluster is unavailable ({error})", retry_after=self._retry_after
             )
+        if isinstance(error, redis_errors.RedisError):
+            self._report_error("error")
         return None
 
     def _report_error(self, kind: str) -> None:
         if self._observer is not None:
             self._observer.redis_error(kind)
 
-    async def ping(self) -> None:
-        """Redis answers; a cluster also says it can serve (its `cluster_state` is ok).
+    # --- what differs on a cluster (ClusterStreamStore) ----------------------------------------
 
-        Not "every primary answers": with `cluster-require-full-coverage no` the other primaries
-        serve while one is down, and failing every replica's readiness would make that partial
-        outage a whole one."""
-        async with self._errors():
-            if not isinstance(self._client, RedisCluster):
-                await self._client.ping()
-                return
-            info = await self._client.execute_command("CLUSTER INFO")
-        state = info.get("cluster_state") if isinstance(info, dict) else None
-        if state != "ok":
-            self._report_error("clusterdown")
-            raise StoreUnavailable(
-                f"Redis Cluster is down (cluster_state {state})", retry_after=self._retry_after
-            )
+    async def ping(self) -> None:
+        """Redis answers."""
+        with self._errors():
+            await self._client.ping()
+
+    async def _time(self, key: str) -> Sequence[str | int]:
+        """Redis server's TIME (on a cluster, of the node of `key`)."""
+        return cast(Sequence[str | int], await self._client.time())
+
+    def _queue_time(self, pipe: "Pipeline | ClusterPipeline", key: str) -> None:
+        """Queue Redis server's TIME in a pipeline (on a cluster, of the node of `key`)."""
+        pipe.time()
+
+    def _queue_publish(
+        self, pipe: "Pipeline | ClusterPipeline", key: str, channel: str, text: str
+    ) -> None:
+        """Queue a PUBLISH (on a cluster, from the node of `key`)."""
+        pipe.publish(channel, text)
+
+    async def _by_node(self, calls: dict[int, PushCall]) -> list[list[int]]:
+        """The calls' indices grouped by the Redis node that serves their keys."""
+        return [list(calls)] if calls else []
+
+    async def _load_push_script(self) -> None:
+        """After NOSCRIPT: a restarted Redis has an empty script cache."""
+        with contextlib.suppress(redis_errors.RedisError):
+            await self._client.script_load(self._push_script.source)
+
+    async def _scan(
+        self, position: "Position", pattern: str
+    ) -> tuple["Position | None", Sequence[str]]:
+        """One SCAN call from `position`; the position after it, None when the walk is over."""
+        _, scan_cursor = position
+        next_cursor, keys = await self._client.scan(scan_cursor, match=pattern, count=_SCAN_COUNT)
+        return (None if next_cursor == 0 else (None, next_cursor)), cast(list[str], keys)
+
+    # --- streams --------------------------------------------------------------------------------
 
     async def configure(self, name: str, config: StreamConfig) -> tuple[StreamState, bool]:
         """Create or replace a stream: its configuration set, its state reset. True if created."""
         # Any: redis-py types mapping keys as its whole (invariant) key union.
         fields: dict[Any, str] = dict(config_fields(config))
         key = self._layout.stream(name)
-        async with self._errors(), self._client.pipeline(transaction=True) as pipe:
-            pipe.delete(key, self._layout.history(name))
-            pipe.hset(key, mapping=fields)
-            if config.ttl is not None:
-                pipe.expire(key, config.ttl)
-            if self._announce:
-                # Subscribers learn that the state started over: an update of count 0, after
-                # which counts (the events' ids) start again from 1.
-                _queue_publish(pipe, key, self._layout.channel(name), encode_fields(fields))
-            _queue_time(pipe, key)
-            existed, *_, now = await pipe.execute()
+        with self._errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(key, self._layout.history(name))
+                pipe.hset(key, mapping=fields)
+                if config.ttl is not None:
+                    pipe.expire(key, config.ttl)
+                if self._announce:
+                    # Subscribers learn that the state started over: an update of count 0,
+                    # after which counts (the events' ids) start again from 1.
+                    self._queue_publish(
+                        pipe, key, self._layout.channel(name), encode_fields(fields)
+                    )
+                self._queue_time(pipe, key)
+                existed, *_, now = await pipe.execute()
         return state_from_fields(name, fields, _seconds(now)), not existed
 
     async def get(self, name: str) -> StreamState:
@@ -197,7 +245,7 @@ class StreamStore:
         return states[0]
 
     async def delete(self, name: str) -> None:
-        async with self._errors():
+        with self._errors():
             # The history goes too; idempotency records expire on their own.
             deleted = await self._client.delete(
                 self._layout.stream(name), self._layout.history(name)
@@ -229,23 +277,11 @@ class StreamStore:
         """
         if len(samples) > self._max_batch:
             raise InvalidInput(f"values: at most {self._max_batch} per push, got {len(samples)}")
-        idempotency = self._idempotency(name, samples, idempotency_key)
+        keys, args = self._push_call(name, samples, idempotency_key)
         started = time.perf_counter()
         try:
-            async with self._errors():
-                fields, replayed = await self._scripts.push(
-                    (self._layout.stream(name), self._layout.history(name)),
-                    samples,
-                    create_with=self._create_with,
-                    idempotency=idempotency,
-                    channel=self._layout.channel(name) if self._announce else None,
-                    max_clock_skew=self._max_clock_skew,
-                )
-        except redis_errors.ResponseError as error:
-            refusal = _script_refusal(name, error)
-            if refusal is not None:
-                raise refusal from error
-            raise
+            with self._errors(name):
+                fields, replayed = await self._push_script.run(keys, args)
         finally:
             if self._observer is not None:
                 self._observer.script_ran(time.perf_counter() - started)
@@ -253,24 +289,30 @@ class StreamStore:
             self._observer.applied(len(samples))
         return fields, replayed
 
-    def _idempotency(
+    def _push_call(
         self, name: str, samples: Sequence[Triple], idempotency_key: str | None
-    ) -> Idempotency | None:
-        if idempotency_key is None:
-            return None
-        if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
-            raise InvalidInput(f"Idempotency-Key: {IDEMPOTENCY_KEY_RULE}")
-        return Idempotency(
-            self._layout.idempotency(name, idempotency_key),
-            _fingerprint(samples),
-            self._idempotency_seconds,
+    ) -> PushCall:
+        """The push script's KEYS and ARGV for a push to `name`; InvalidInput for a bad key."""
+        idempotency = None
+        if idempotency_key is not None:
+            if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+                raise InvalidInput(f"Idempotency-Key: {IDEMPOTENCY_KEY_RULE}")
+            idempotency = Idempotency(
+                self._layout.idempotency(name, idempotency_key),
+                _fingerprint(samples),
+                self._idempotency_seconds,
+            )
+        return self._push_script.call(
+            (self._layout.stream(name), self._layout.history(name)),
+            samples,
+            idempotency=idempotency,
+            channel=self._layout.channel(name) if self._announce else None,
         )
 
     async def push_many(self, pushes: Sequence[PushRequest]) -> list[PushOutcome]:
         """Apply each push as `push` does, each one its own atomic script call, in one pipeline
-        per Redis node: in a cluster the pushes are grouped by the node serving their stream's
-        hash slot, and every node gets its pipeline at once. Returns, in request order, what
-        happened to each push: an error fails that push alone.
+        per Redis node (in a cluster every node gets its pipeline at once). Returns, in request
+        order, what happened to each push: an error fails that push alone.
 
         A node that fails mid-pipeline (connection lost, timeout) leaves whether its pushes were
         applied unknown: they get a 503 saying so, the others are unaffected. At most
@@ -282,43 +324,23 @@ class StreamStore:
                 f"entries: at most {self._max_batch} values per bulk push, got {total}"
             )
         outcomes: list[PushOutcome | None] = [None] * len(pushes)
-        calls: dict[int, tuple[list[str], list[str]]] = {}
+        calls: dict[int, PushCall] = {}
         for index, push in enumerate(pushes):
             try:
-                idempotency = self._idempotency(push.name, push.samples, push.idempotency_key)
+                calls[index] = self._push_call(push.name, push.samples, push.idempotency_key)
             except InvalidInput as error:
                 outcomes[index] = error
-                continue
-            calls[index] = self._scripts.push_call(
-                (self._layout.stream(push.name), self._layout.history(push.name)),
-                push.samples,
-                create_with=self._create_with,
-                idempotency=idempotency,
-                channel=self._layout.channel(push.name) if self._announce else None,
-                max_clock_skew=self._max_clock_skew,
-            )
-        async with self._errors():  # nothing is sent before the groups are known
+        with self._errors():  # nothing is sent before the groups are known
             groups = await self._by_node(calls)
         await asyncio.gather(
             *(self._push_pipeline(group, calls, pushes, outcomes) for group in groups)
         )
         return [outcome for outcome in outcomes if outcome is not None]
 
-    async def _by_node(self, calls: dict[int, tuple[list[str], list[str]]]) -> list[list[int]]:
-        """The calls' indices grouped by the Redis node that serves their keys."""
-        if not isinstance(self._client, RedisCluster):
-            return [list(calls)] if calls else []
-        await self._client.initialize()
-        groups: dict[str, list[int]] = {}
-        for index, (keys, _) in calls.items():
-            node = self._client.get_node_from_key(keys[0])
-            groups.setdefault(node.name if node else "", []).append(index)
-        return list(groups.values())
-
     async def _push_pipeline(
         self,
         indices: list[int],
-        calls: dict[int, tuple[list[str], list[str]]],
+        calls: dict[int, PushCall],
         pushes: Sequence[PushRequest],
         outcomes: list[PushOutcome | None],
     ) -> None:
@@ -333,11 +355,11 @@ class StreamStore:
                         # pipe.evalsha is refused by a cluster pipeline, which cannot know
                         # the script is loaded: the NOSCRIPT replies are handled below.
                         pipe.execute_command(
-                            "EVALSHA", self._scripts.push_sha, len(keys), *keys, *args
+                            "EVALSHA", self._push_script.sha, len(keys), *keys, *args
                         )
                     replies = await pipe.execute(raise_on_error=False)
             except _CLIENT_ERRORS as error:
-                failed = self._unavailable(error) or _unexpected(error)
+                failed = self._domain_error(error) or _unexpected(error)
                 for index in pending:
                     outcomes[index] = failed
                 return
@@ -358,39 +380,12 @@ class StreamStore:
                 outcomes[index] = self._outcome(pushes[index], reply)
             if not unloaded:
                 return
-            # A restarted or newly promoted primary has an empty script cache.
             await self._load_push_script()
             pending = unloaded
 
-    async def _load_push_script(self) -> None:
-        source = self._scripts.push_source
-        if not isinstance(self._client, RedisCluster):
-            with contextlib.suppress(redis_errors.RedisError):
-                await self._client.script_load(source)
-            return
-        await asyncio.gather(
-            *(
-                self._client.execute_command("SCRIPT LOAD", source, target_nodes=node)
-                for node in self._client.get_primaries()
-            ),
-            return_exceptions=True,  # a primary that is down now will answer NOSCRIPT again
-        )
-
     def _outcome(self, push: PushRequest, reply: object) -> PushOutcome:
-        if isinstance(reply, redis_errors.NoScriptError):
-            return StoreUnavailable(
-                "the push script was not loaded on its Redis node; not applied",
-                retry_after=self._retry_after,
-            )
-        if isinstance(reply, redis_errors.ResponseError):
-            refusal = _script_refusal(push.name, reply)
-            if refusal is not None:
-                return refusal
         if isinstance(reply, Exception):
-            failed = self._unavailable(reply)
-            if failed is None:
-                self._report_error("error")
-            return failed or _unexpected(reply)
+            return self._domain_error(reply, push.name) or _unexpected(reply)
         fields, replayed = push_reply(reply)
         if self._observer is not None and not replayed:
             self._observer.applied(len(push.samples))
@@ -401,18 +396,13 @@ class StreamStore:
         reported as of now; None for the others, whose state does not depend on time): what a
         GET returns, in one HGETALL for most streams."""
         key = self._layout.stream(name)
-        async with self._errors():
+        with self._errors():
             fields = cast(dict[str, str], await self._client.hgetall(key))
             if not fields:
                 raise StreamNotFound(name)
             if fields.get("k") != "r":
                 return fields, None
-            # A cluster routes TIME by no key: the node of the stream's key reads its clock.
-            now = await (
-                self._client.execute_command("EVAL", "return redis.call('TIME')", 1, key)
-                if isinstance(self._client, RedisCluster)
-                else self._client.time()
-            )
+            now = await self._time(key)
         return fields, _seconds(now)
 
     async def states(self, names: Sequence[str]) -> list[StreamState]:
@@ -423,11 +413,12 @@ class StreamStore:
     async def states_at(self, names: Sequence[str]) -> tuple[list[StreamState], float]:
         """The states of those of `names` that exist, and the Redis server time they are as of
         (a rate stream's value is its rate then), in one round trip."""
-        async with self._errors(), self._client.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hgetall(self._layout.stream(name))
-            _queue_time(pipe, self._layout.stream(names[0] if names else ""))
-            *replies, time_reply = await pipe.execute()
+        with self._errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(self._layout.stream(name))
+                self._queue_time(pipe, self._layout.stream(names[0] if names else ""))
+                *replies, time_reply = await pipe.execute()
         now = _seconds(time_reply)
         states = [
             state_from_fields(name, fields, now)
@@ -438,10 +429,11 @@ class StreamStore:
 
     async def history(self, name: str, since: int, limit: int) -> HistoryPage:
         """The oldest `limit` history entries with an id (count) above `since`."""
-        async with self._errors(), self._client.pipeline(transaction=False) as pipe:
-            pipe.exists(self._layout.stream(name))
-            pipe.xrange(self._layout.history(name), min=f"({since}-0", count=limit)
-            exists, entries = await pipe.execute()
+        with self._errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.exists(self._layout.stream(name))
+                pipe.xrange(self._layout.history(name), min=f"({since}-0", count=limit)
+                exists, entries = await pipe.execute()
         if not exists:
             raise StreamNotFound(name)
         page = [history_entry(entry_id, fields) for entry_id, fields in entries]
@@ -453,14 +445,12 @@ class StreamStore:
 
         The cursor is (SCAN position, last name returned from that SCAN batch): a page may stop
         inside a batch, and re-reading the batch resumes after that name. As with SCAN, a
-        stream that exists for the whole listing is returned at least once. In a cluster the
-        position also names the primary being walked, by the first hash slot it serves (which
-        a failover does not change), and the walk goes through every primary in slot order.
+        stream that exists for the whole listing is returned at least once.
         """
         position, after = _decode_cursor(cursor)
         pattern = self._layout.scan_pattern(prefix)
         names: list[str] = []
-        async with self._errors():
+        with self._errors():
             for _ in range(_SCAN_CALLS):
                 next_position, keys = await self._scan(position, pattern)
                 batch = sorted(
@@ -482,22 +472,82 @@ class StreamStore:
                     break
         return StreamPage(streams=names, next_cursor=_encode_cursor(position, ""))
 
+
+class ClusterStreamStore(StreamStore):
+    """The streams on a Redis Cluster: a stream's keys share its hash slot (the name is their
+    hash tag), so everything a request does to one stream is on one node."""
+
+    def __init__(
+        self, client: RedisCluster, settings: Settings, observer: StoreObserver | None = None
+    ) -> None:
+        super().__init__(client, settings, observer)
+        self._cluster = client
+
+    async def ping(self) -> None:
+        """A node answers and says the cluster can serve (its `cluster_state` is ok).
+
+        Not "every primary answers": with `cluster-require-full-coverage no` the other primaries
+        serve while one is down, and failing every replica's readiness would make that partial
+        outage a whole one."""
+        with self._errors():
+            info = await self._cluster.execute_command("CLUSTER INFO")
+        state = info.get("cluster_state") if isinstance(info, dict) else None
+        if state != "ok":
+            self._report_error("clusterdown")
+            raise StoreUnavailable(
+                f"Redis Cluster is down (cluster_state {state})", retry_after=self._retry_after
+            )
+
+    async def _time(self, key: str) -> Sequence[str | int]:
+        # A cluster routes TIME by no key: the node of the stream's key reads its clock.
+        return cast(
+            Sequence[str | int], await self._cluster.execute_command("EVAL", _TIME_SCRIPT, 1, key)
+        )
+
+    def _queue_time(self, pipe: "Pipeline | ClusterPipeline", key: str) -> None:
+        # A cluster pipeline refuses TIME, which has no key to route it by (and a transaction
+        # must stay on one node): the node of `key` reads its clock.
+        pipe.execute_command("EVAL", _TIME_SCRIPT, 1, key)
+
+    def _queue_publish(
+        self, pipe: "Pipeline | ClusterPipeline", key: str, channel: str, text: str
+    ) -> None:
+        # A cluster pipeline refuses PUBLISH, which has no key: a script run on the node of
+        # `key` publishes (a classic PUBLISH reaches every node anyway).
+        pipe.execute_command("EVAL", _PUBLISH_SCRIPT, 1, key, channel, text)
+
+    async def _by_node(self, calls: dict[int, PushCall]) -> list[list[int]]:
+        await self._cluster.initialize()
+        groups: dict[str, list[int]] = {}
+        for index, (keys, _) in calls.items():
+            node = self._cluster.get_node_from_key(keys[0])
+            groups.setdefault(node.name if node else "", []).append(index)
+        return list(groups.values())
+
+    async def _load_push_script(self) -> None:
+        # A newly promoted primary has an empty script cache; any primary may be new.
+        await asyncio.gather(
+            *(
+                self._cluster.execute_command(
+                    "SCRIPT LOAD", self._push_script.source, target_nodes=node
+                )
+                for node in self._cluster.get_primaries()
+            ),
+            return_exceptions=True,  # a primary that is down now will answer NOSCRIPT again
+        )
+
     async def _scan(
         self, position: "Position", pattern: str
     ) -> tuple["Position | None", Sequence[str]]:
-        """One SCAN call from `position`; the position after it, None when the walk is over."""
+        """The walk goes through every primary in slot order; the position names the primary
+        being walked by the first hash slot it serves (which a failover does not change)."""
         shard, scan_cursor = position
-        if not isinstance(self._client, RedisCluster):
-            next_cursor, keys = await self._client.scan(
-                scan_cursor, match=pattern, count=_SCAN_COUNT
-            )
-            return (None if next_cursor == 0 else (None, next_cursor)), cast(list[str], keys)
-        await self._client.initialize()  # a no-op unless the topology must be (re)read
-        shards = _first_slots(self._client)
+        await self._cluster.initialize()  # a no-op unless the topology must be (re)read
+        shards = _first_slots(self._cluster)
         if shard is None:
             shard = shards[0]
-        node = self._client.nodes_manager.get_node_from_slot(shard)
-        cursors, keys = await self._client.execute_command(
+        node = self._cluster.nodes_manager.get_node_from_slot(shard)
+        cursors, keys = await self._cluster.execute_command(
             "SCAN", scan_cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT, target_nodes=node
         )
         next_cursor = int(cursors[node.name])
@@ -523,26 +573,6 @@ def _script_refusal(name: str, error: redis_errors.ResponseError) -> ServiceErro
 
 def _unexpected(error: BaseException) -> ServiceError:
     return ServiceError(f"Redis failed this push unexpectedly ({type(error).__name__}: {error})")
-
-
-def _queue_time(pipe: "Pipeline | ClusterPipeline", key: str) -> None:
-    """Queue Redis server's TIME. A cluster pipeline refuses TIME, which has no key to route it
-    by (and a transaction must stay on one node): there the node of `key` reads its clock."""
-    if isinstance(pipe, ClusterPipeline):
-        pipe.execute_command("EVAL", "return redis.call('TIME')", 1, key)
-    else:
-        pipe.time()
-
-
-def _queue_publish(pipe: "Pipeline | ClusterPipeline", key: str, channel: str, text: str) -> None:
-    """Queue a PUBLISH. A cluster pipeline refuses PUBLISH, which has no key: there a script
-    run on the node of `key` publishes (a classic PUBLISH reaches every node anyway)."""
-    if isinstance(pipe, ClusterPipeline):
-        pipe.execute_command(
-            "EVAL", "return redis.call('PUBLISH', ARGV[1], ARGV[2])", 1, key, channel, text
-        )
-    else:
-        pipe.publish(channel, text)
 
 
 def _seconds(time_reply: Sequence[str | int]) -> float:

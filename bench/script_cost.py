@@ -9,7 +9,7 @@ Every figure is EVALSHA's `usec_per_call` (Redis' own clock, the script and the 
 over `--calls` calls sent in pipelines, after `CONFIG RESETSTAT`. Workloads alternate in
 `--rounds` rounds and each ratio is the median of the rounds' ratios, so that load from other
 processes moves both sides of a ratio alike. The service's calls are built by the service's own
-code (`Scripts.push_call`, the defaults it passes, the stream configured as `PUT` does), so when
+code (`PushScript.call`, the defaults it passes, the stream configured as `PUT` does), so when
 the script or its arguments change, the bench follows. Memory: `used_memory` before and after
 creating `--streams` fixed-decay streams (decay 0.99, events on) with one push of three values
 each (full-precision numbers and a z-score, as a stream has after a while), divided by their
@@ -34,7 +34,7 @@ import redis
 from app.codec import config_fields
 from app.keys import KeyLayout
 from app.models import StreamConfig, Triple, Window
-from app.scripts import Scripts
+from app.scripts import PushScript
 from bench.servers import BenchError, RedisServer
 
 STREAMS = 16
@@ -93,7 +93,7 @@ def usec_per_call(client: "redis.Redis") -> float:
 
 
 def measure(
-    client: "redis.Redis", scripts: Scripts, minimal: str, w: Workload, calls: int
+    client: "redis.Redis", scripts: PushScript, minimal: str, w: Workload, calls: int
 ) -> float:
     rng = random.Random(len(w.label))
     client.flushall()
@@ -113,37 +113,33 @@ def measure(
                 if w.config is None:
                     pipe.evalsha(minimal, 1, LAYOUT.stream(name), repr(samples[0][0]))
                 else:
-                    keys, args = scripts.push_call(
+                    keys, args = scripts.call(
                         (LAYOUT.stream(name), LAYOUT.history(name)),
                         samples,
-                        create_with=DEFAULTS,
                         idempotency=None,
                         channel=LAYOUT.channel(name) if w.events else None,
-                        max_clock_skew=3600.0,
                     )
-                    pipe.evalsha(scripts.push_sha, len(keys), *keys, *args)
+                    pipe.evalsha(scripts.sha, len(keys), *keys, *args)
                 if len(pipe) >= PIPELINE:
                     pipe.execute()
             pipe.execute()
     return usec_per_call(client)
 
 
-def bytes_per_stream(client: "redis.Redis", scripts: Scripts, count: int, workdir: Path) -> str:
+def bytes_per_stream(client: "redis.Redis", scripts: PushScript, count: int, workdir: Path) -> str:
     client.flushall()
     before = int(client.info("memory")["used_memory"])
     path = workdir / "create.resp"
     with path.open("wb") as out:
         for index in range(count):
             name = f"s{index:012d}"
-            keys, args = scripts.push_call(
+            keys, args = scripts.call(
                 (LAYOUT.stream(name), LAYOUT.history(name)),
                 [(1.5, None, None), (2.718281828459045, None, None), (0.1, None, None)],
-                create_with=DEFAULTS,
                 idempotency=None,
                 channel=LAYOUT.channel(name),
-                max_clock_skew=3600.0,
             )
-            out.write(resp(["EVALSHA", scripts.push_sha, str(len(keys)), *keys, *args]))
+            out.write(resp(["EVALSHA", scripts.sha, str(len(keys)), *keys, *args]))
     with path.open("rb") as stdin:
         done = subprocess.run(
             ["redis-cli", "-p", str(client.connection_pool.connection_kwargs["port"]), "--pipe"],
@@ -201,8 +197,9 @@ def main() -> int:
             private_redis(Path(tmp)) as server,
             server.client() as client,
         ):
-            scripts = Scripts(client)  # type: ignore[arg-type]  # push_call needs no async client
-            client.script_load(scripts.push_source)
+            # The service's own calls (call() needs no async client).
+            scripts = PushScript(client, create_with=DEFAULTS, max_clock_skew=3600.0)  # type: ignore[arg-type]
+            client.script_load(scripts.source)
             minimal = client.script_load(MINIMAL)
             for round_ in range(args.rounds):
                 print(f"round {round_ + 1} of {args.rounds}", file=sys.stderr, flush=True)
