@@ -32,7 +32,7 @@ from app.settings import Settings
 
 # Replies that mean "Redis cannot serve this right now": worth a 503 and a retry, never a 500.
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
-# Keys examined per SCAN call, and SCAN calls per listing request: bounds one request's work.
+# The most keys examined per SCAN call, and SCAN calls per listing request: bound one request's work.
 _SCAN_COUNT = 500
 _SCAN_CALLS = 64
 # What a call through redis-py may raise: its errors, and (see _raised_in_redis_client) the
@@ -207,11 +207,11 @@ class StreamStore:
             await self._client.script_load(self._push_script.source)
 
     async def _scan(
-        self, position: "Position", pattern: str
+        self, position: "Position", pattern: str, count: int
     ) -> tuple["Position | None", Sequence[str]]:
         """One SCAN call from `position`; the position after it, None when the walk is over."""
         _, scan_cursor = position
-        next_cursor, keys = await self._client.scan(scan_cursor, match=pattern, count=_SCAN_COUNT)
+        next_cursor, keys = await self._client.scan(scan_cursor, match=pattern, count=count)
         return (None if next_cursor == 0 else (None, next_cursor)), cast(list[str], keys)
 
     # --- streams --------------------------------------------------------------------------------
@@ -443,34 +443,84 @@ class StreamStore:
     async def list_names(self, prefix: str, cursor: str | None, limit: int) -> StreamPage:
         """Up to `limit` names starting with `prefix`, in no particular order, by SCAN.
 
-        The cursor is (SCAN position, last name returned from that SCAN batch): a page may stop
-        inside a batch, and re-reading the batch resumes after that name. As with SCAN, a
-        stream that exists for the whole listing is returned at least once.
+        A page holds whole SCAN batches, asking each for about the room it has left, and stops
+        before one that does not fit: the next page reads that batch again. Only a batch larger
+        than a whole page is split; the cursor then carries (where the batch starts, the last
+        name returned from it, where it ends), and the next page reads exactly that stretch of
+        the keyspace again (`_rest_of_batch`) before going on. So a stream that exists for the
+        whole listing is returned at least once, and no name twice while the keyspace does not
+        change.
         """
-        position, after = _decode_cursor(cursor)
+        position, split = _decode_cursor(cursor)
         pattern = self._layout.scan_pattern(prefix)
         names: list[str] = []
+        calls = 0
         with self._errors():
-            for _ in range(_SCAN_CALLS):
-                next_position, keys = await self._scan(position, pattern)
-                batch = sorted(
-                    name
-                    for name in {self._layout.name_of(str(key)) for key in keys}
-                    if name > after and _VALID_NAME.match(name)
-                )
-                after = ""
-                room = limit - len(names)
-                if len(batch) > room:
-                    names += batch[:room]
-                    resume = _encode_cursor(position, names[-1])
-                    return StreamPage(streams=names, next_cursor=resume)
-                names += batch
-                if next_position is None:
-                    return StreamPage(streams=names, next_cursor=None)
+            if split is not None:
+                end = split[1]
+                rest, calls = await self._rest_of_batch(position, split, pattern, limit)
+                if rest is None:  # not re-read within this page's calls: read it whole again
+                    return StreamPage(streams=[], next_cursor=_encode_cursor(position))
+                if len(rest) > limit:
+                    names = rest[:limit]
+                    next_cursor = _encode_cursor(position, (names[-1], end))
+                    return StreamPage(streams=names, next_cursor=next_cursor)
+                names, next_position = rest, end
+            else:
+                next_position = position
+            while next_position is not None and calls < _SCAN_CALLS and len(names) < limit:
                 position = next_position
-                if len(names) == limit:
-                    break
-        return StreamPage(streams=names, next_cursor=_encode_cursor(position, ""))
+                room = limit - len(names)
+                next_position, batch = await self._scan_names(position, pattern, room)
+                calls += 1
+                if len(batch) <= room:
+                    names += batch
+                elif names:  # the next page reads this batch whole
+                    return StreamPage(streams=names, next_cursor=_encode_cursor(position))
+                else:
+                    names = batch[:room]
+                    next_cursor = _encode_cursor(position, (names[-1], next_position))
+                    return StreamPage(streams=names, next_cursor=next_cursor)
+        if next_position is None:
+            return StreamPage(streams=names, next_cursor=None)
+        return StreamPage(streams=names, next_cursor=_encode_cursor(next_position))
+
+    async def _rest_of_batch(
+        self, position: "Position", split: "Split", pattern: str, limit: int
+    ) -> tuple[list[str] | None, int]:
+        """The rest of a batch an earlier page split (returning its names up to `split`'s
+        name): the names past that one in the batch from `position` to `split`'s end, read
+        again, sorted; and the SCAN calls it took. None when that took more than a page makes.
+
+        Reading from `position` with the COUNT the splitting page used ends at the same place
+        unless Redis has resized its table in between (SCAN visits whole buckets, and a table
+        being rehashed in bigger ones) or the limit changed: then a call that ends past the
+        batch's end is repeated with half the count, down to one bucket (the bucket past the end
+        is left for later), and a call that does not, followed by one with twice the count."""
+        after, end = split
+        names: set[str] = set()
+        count = min(limit, _SCAN_COUNT)
+        for calls in range(1, _SCAN_CALLS + 1):
+            next_position, batch = await self._scan_names(position, pattern, count)
+            if next_position != end and _order(next_position) > _order(end):
+                if count == 1:
+                    return sorted(names), calls
+                count //= 2
+                continue
+            names.update(name for name in batch if name > after)
+            if next_position is None or next_position == end:
+                return sorted(names), calls
+            position, count = next_position, min(2 * count, _SCAN_COUNT)
+        return None, _SCAN_CALLS
+
+    async def _scan_names(
+        self, position: "Position", pattern: str, count: int
+    ) -> tuple["Position | None", list[str]]:
+        """One SCAN call: the position after it (None when the walk is over) and the stream
+        names it found, sorted."""
+        next_position, keys = await self._scan(position, pattern, min(count, _SCAN_COUNT))
+        names = {self._layout.name_of(str(key)) for key in keys}
+        return next_position, sorted(name for name in names if _VALID_NAME.match(name))
 
 
 class ClusterStreamStore(StreamStore):
@@ -537,7 +587,7 @@ class ClusterStreamStore(StreamStore):
         )
 
     async def _scan(
-        self, position: "Position", pattern: str
+        self, position: "Position", pattern: str, count: int
     ) -> tuple["Position | None", Sequence[str]]:
         """The walk goes through every primary in slot order; the position names the primary
         being walked by the first hash slot it serves (which a failover does not change)."""
@@ -548,7 +598,7 @@ class ClusterStreamStore(StreamStore):
             shard = shards[0]
         node = self._cluster.nodes_manager.get_node_from_slot(shard)
         cursors, keys = await self._cluster.execute_command(
-            "SCAN", scan_cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT, target_nodes=node
+            "SCAN", scan_cursor, "MATCH", pattern, "COUNT", count, target_nodes=node
         )
         next_cursor = int(cursors[node.name])
         if next_cursor != 0:
@@ -605,6 +655,19 @@ def _fingerprint(samples: Sequence[Triple]) -> str:
 # Where a listing is: (the first hash slot of the cluster primary being walked, None on a single
 # Redis; the SCAN cursor on it).
 Position = tuple[int | None, int]
+# A SCAN batch a page split: the last name returned from it, and where it ends (None: the end of
+# the walk). It starts at the cursor's position.
+Split = tuple[str, Position | None]
+
+
+def _order(position: Position | None) -> tuple[int, int]:
+    """Where a position is in the walk, to compare two: primaries in slot order, and on each,
+    SCAN's order, which visits hash buckets by the reversed bits of the cursor (so that a table
+    resized in the middle of a walk is neither skipped nor, when it grows, read twice)."""
+    if position is None:
+        return _HASH_SLOTS, 0
+    shard, scan_cursor = position
+    return shard or 0, int(f"{scan_cursor:064b}"[::-1], 2)
 
 
 def _first_slots(client: RedisCluster) -> list[int]:
@@ -619,25 +682,42 @@ def _first_slots(client: RedisCluster) -> list[int]:
     return sorted(firsts.values())
 
 
-def _encode_cursor(position: Position, after: str) -> str:
+def _encode_cursor(position: Position, split: Split | None = None) -> str:
+    text = _encode_position(position)
+    if split is not None:
+        after, end = split
+        text += f"/{after}/{'' if end is None else _encode_position(end)}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _encode_position(position: Position) -> str:
     shard, scan_cursor = position
-    head = f"{scan_cursor}" if shard is None else f"{shard}:{scan_cursor}"
-    return base64.urlsafe_b64encode(f"{head}/{after}".encode()).decode().rstrip("=")
+    return f"{scan_cursor}" if shard is None else f"{shard}:{scan_cursor}"
 
 
-def _decode_cursor(cursor: str | None) -> tuple[Position, str]:
+def _decode_cursor(cursor: str | None) -> tuple[Position, Split | None]:
     if not cursor:
-        return (None, 0), ""
+        return (None, 0), None
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        head, after = text.split("/", 1)
-        shard, _, scan_cursor = head.rpartition(":")
-        if (
-            not scan_cursor.isdigit()
-            or (shard and not (shard.isdigit() and int(shard) < _HASH_SLOTS))
-            or (after and not _VALID_NAME.match(after))
-        ):
+        head, *rest = text.split("/")
+        position = _decode_position(head)
+        if len(rest) < 2:
+            # "position" or, from before splits carried their end, "position/name": that batch
+            # is read whole again (a name may come twice, none is missed).
+            if rest and rest[0] and not _VALID_NAME.match(rest[0]):
+                raise ValueError(text)
+            return position, None
+        after, end = rest
+        if not _VALID_NAME.match(after):
             raise ValueError(text)
-        return (int(shard) if shard else None, int(scan_cursor)), after
+        return position, (after, _decode_position(end) if end else None)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidInput("cursor: not a cursor returned by this service") from None
+
+
+def _decode_position(head: str) -> Position:
+    shard, _, scan_cursor = head.rpartition(":")
+    if not scan_cursor.isdigit() or (shard and not (shard.isdigit() and int(shard) < _HASH_SLOTS)):
+        raise ValueError(head)
+    return int(shard) if shard else None, int(scan_cursor)

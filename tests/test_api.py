@@ -212,6 +212,73 @@ async def test_listing_pages_through_every_stream_once(
     assert pages >= 13
 
 
+async def test_listing_resumed_after_redis_grew_its_table_returns_no_name_twice(
+    client: httpx.AsyncClient, redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    # SCAN reads whole hash buckets, and while Redis rehashes a table that grew, bigger ones
+    # (a bucket of the old table with the new table's buckets it maps to): reading a batch
+    # again after the rehash can end somewhere else. Pages are listed while the table is
+    # being rehashed, then every listing is finished after it, from each page's cursor.
+    # Redis rehashes on a timer (stopped here) and a bucket per key lookup (done here).
+    nodes = [node.client() for node in getattr(redis_server, "nodes", [redis_server])]
+    for node in nodes:
+        node.config_set("activerehashing", "no")
+    try:
+        for round_ in range(3):
+            redis_client.flushall()
+            # Each node's table grows from 1024 buckets to 2048 at its 1025th key.
+            names = sorted(f"g{round_}.{i:05}" for i in range(1234 * len(nodes)))
+            with redis_client.pipeline() as pipe:
+                for name in names:  # the last ~20% are added while it is being rehashed
+                    pipe.hset(f"test:{{{name}}}", mapping={"d": "0.5", "n": "0", "p": "1"})
+                pipe.execute()
+            listings: list[tuple[int, list[str], str]] = []  # (limit, names so far, cursor)
+            for limit in (100, 45):
+                seen: list[str] = []
+                cursor = None
+                while True:
+                    params = {"prefix": f"g{round_}.", "limit": limit}
+                    page = (
+                        await client.get("/v1/streams", params=params | cursor_of(cursor))
+                    ).json()
+                    seen += page["streams"]
+                    cursor = page["next_cursor"]
+                    if cursor is None:
+                        break
+                    listings.append((limit, list(seen), cursor))
+                assert sorted(seen) == names
+            tables = sum(table_bytes(node) for node in nodes)
+            with redis_client.pipeline() as pipe:
+                for name in names * 3:
+                    pipe.exists(f"test:{{{name}}}")
+                pipe.execute()
+            assert sum(table_bytes(node) for node in nodes) < tables  # old tables freed
+            for limit, seen, cursor in listings:
+                for _ in range(6):  # the pages the rest of a split batch can come in
+                    params = {"prefix": f"g{round_}.", "limit": limit, "cursor": cursor}
+                    page = (await client.get("/v1/streams", params=params)).json()
+                    assert len(page["streams"]) <= limit
+                    seen += page["streams"]
+                    cursor = page["next_cursor"]
+                    if cursor is None:
+                        assert sorted(seen) == names
+                        break
+                assert len(set(seen)) == len(seen)
+    finally:
+        for node in nodes:
+            node.config_set("activerehashing", "yes")
+            node.close()
+
+
+def cursor_of(cursor: str | None) -> dict[str, str]:
+    return {"cursor": cursor} if cursor else {}
+
+
+def table_bytes(node: "redis.Redis") -> int:
+    """What the node's hash tables of keys take: both tables while it rehashes one."""
+    return int(node.memory_stats()["db.0"]["overhead.hashtable.main"])
+
+
 async def test_listing_with_states_is_an_overview_in_one_request(
     client: httpx.AsyncClient, redis_client: "redis.Redis"
 ) -> None:
