@@ -663,7 +663,9 @@ Split = tuple[str, Position | None]
 def _order(position: Position | None) -> tuple[int, int]:
     """Where a position is in the walk, to compare two: primaries in slot order, and on each,
     SCAN's order, which visits hash buckets by the reversed bits of the cursor (so that a table
-    resized in the middle of a walk is neither skipped nor, when it grows, read twice)."""
+    resized in the middle of a walk is neither skipped nor, when it grows, read twice). Redis
+    7.4 and later put a cluster node's hash slot in the cursor's low bits instead: there, only
+    a batch split across a rehash may be read back wrongly."""
     if position is None:
         return _HASH_SLOTS, 0
     shard, scan_cursor = position
