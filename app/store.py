@@ -32,7 +32,8 @@ from app.settings import Settings
 
 # Replies that mean "Redis cannot serve this right now": worth a 503 and a retry, never a 500.
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
-# The most keys examined per SCAN call, and SCAN calls per listing request: bound one request's work.
+# The most keys examined per SCAN call, and SCAN calls per listing request: they bound one
+# request's work.
 _SCAN_COUNT = 500
 _SCAN_CALLS = 64
 # What a call through redis-py may raise: its errors, and (see _raised_in_redis_client) the
