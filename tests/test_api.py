@@ -224,7 +224,7 @@ async def test_listing_resumed_after_redis_grew_its_table_returns_no_name_twice(
     for node in nodes:
         node.config_set("activerehashing", "no")
     try:
-        for round_ in range(3):
+        for round_ in range(6 if len(nodes) == 1 else 3):  # other names, other buckets
             redis_client.flushall()
             # Each node's table grows from 1024 buckets to 2048 at its 1025th key.
             names = sorted(f"g{round_}.{i:05}" for i in range(1234 * len(nodes)))
