@@ -18,24 +18,23 @@ count.
 
 import argparse
 import contextlib
-import os
 import random
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from harness import load_line, markdown_table, progress
+from harness import main as run_bench
+from servers import BenchError, RedisServer
 
 from app.codec import config_fields
 from app.keys import KeyLayout
 from app.models import StreamConfig, Triple, Window
 from app.scripts import PushScript
-from bench.servers import BenchError, RedisServer
 
 STREAMS = 16
 # Calls per pipeline: 1, unpipelined, as the service and redis-benchmark send single pushes
@@ -173,63 +172,52 @@ def resp(argv: list[str]) -> bytes:
     return b"".join(parts)
 
 
-@contextlib.contextmanager
-def private_redis(workdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(workdir)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=3000, help="values per figure and round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--streams", type=int, default=1_000_000, help="0: no memory figure")
     args = parser.parse_args()
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    started = time.monotonic()
-    try:
-        with (
-            tempfile.TemporaryDirectory(prefix="ema-cost-") as tmp,
-            private_redis(Path(tmp)) as server,
-            server.client() as client,
-        ):
-            # The service's own calls (call() needs no async client).
-            scripts = PushScript(client, create_with=DEFAULTS, max_clock_skew=3600.0)  # type: ignore[arg-type]
-            client.script_load(scripts.source)
-            minimal = client.script_load(MINIMAL)
-            for round_ in range(args.rounds):
-                print(f"round {round_ + 1} of {args.rounds}", file=sys.stderr, flush=True)
-                for w in WORKLOADS:
-                    usec = measure(client, scripts, minimal, w, args.calls)
-                    w.usec = [*(w.usec or []), usec]
-            memory = (
-                bytes_per_stream(client, scripts, args.streams, Path(tmp)) if args.streams else ""
-            )
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+
+    def measure_all(workdir: Path, stack: contextlib.ExitStack) -> Callable[[], str]:
+        server = RedisServer(workdir)
+        stack.callback(server.stop)
+        server.wait_ready()
+        client = stack.enter_context(server.client())
+        # The service's own calls (call() needs no async client).
+        scripts = PushScript(client, create_with=DEFAULTS, max_clock_skew=3600.0)  # type: ignore[arg-type]
+        client.script_load(scripts.source)
+        minimal = client.script_load(MINIMAL)
+        for round_ in range(args.rounds):
+            progress(f"round {round_ + 1} of {args.rounds}")
+            for w in WORKLOADS:
+                usec = measure(client, scripts, minimal, w, args.calls)
+                w.usec = [*(w.usec or []), usec]
+        memory = bytes_per_stream(client, scripts, args.streams, workdir) if args.streams else ""
+        return lambda: report(args, memory)
+
+    return run_bench("cost", measure_all)
+
+
+def report(args: argparse.Namespace, memory: str) -> str:
     floor = WORKLOADS[0].per_value()
-    print(
-        f"load average before / after: {load} / "
-        + " ".join(f"{x:.2f}" for x in os.getloadavg())
-        + f"; {args.rounds} rounds of {args.calls:,} values per figure; "
-        f"took {time.monotonic() - started:.0f}s\n"
-    )
-    print("| push | Redis µs per call | µs per value | x the minimal script (per value) |")
-    print("| --- | ---: | ---: | ---: |")
+    rows = []
     for w in WORKLOADS:
         ratios = [v / f for v, f in zip(w.per_value(), floor, strict=True)]
-        print(
-            f"| {w.label} | {statistics.median(w.usec or []):.1f} | "
-            f"{statistics.median(w.per_value()):.2f} | {statistics.median(ratios):.2f} |"
+        rows.append(
+            [
+                w.label,
+                f"{statistics.median(w.usec or []):.1f}",
+                f"{statistics.median(w.per_value()):.2f}",
+                f"{statistics.median(ratios):.2f}",
+            ]
         )
-    if memory:
-        print("\n" + memory)
-    return 0
+    columns = ["push", "Redis µs per call", "µs per value", "x the minimal script (per value)"]
+    parts = [
+        f"{load_line()}; {args.rounds} rounds of {args.calls:,} values per figure",
+        markdown_table(columns, rows, "lrrr"),
+    ]
+    return "\n\n".join([*parts, memory] if memory else parts)
 
 
 if __name__ == "__main__":
