@@ -13,17 +13,17 @@ before ÷ after by CPU: on a shared machine, the figure that noise changes least
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+from harness import ROOT, load_line, markdown_table, progress, start_service
+from harness import main as run_bench
 from loadgen import WrkLoad
 from servers import BenchError, HttpServer, RedisServer, stop_all
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = (("push 1 value", "post.lua"), ("GET", "get.lua"))
 STREAMS = 16
 
@@ -34,8 +34,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=int, default=3)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ema-ab-") as tmp, contextlib.ExitStack() as stack:
-        work = Path(tmp)
+
+    def measure(work: Path, stack: contextlib.ExitStack) -> Callable[[], str]:
         before = work / "before"
         subprocess.run(
             ["git", "worktree", "add", "--detach", str(before), args.ref],
@@ -53,19 +53,13 @@ def main() -> int:
         redis.wait_ready()
         servers: dict[str, HttpServer] = {}
         stack.callback(lambda: stop_all(list(servers.values())))
-        for label, folder in (("before", before), ("after", ROOT)):
+        for label, checkout in (("before", before), ("after", ROOT)):
             metrics = work / f"metrics-{label}"
             metrics.mkdir()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("EMA_")}
-            env |= {
-                "REDIS_URL": redis.url,
-                "EMA_PORT": "{port}",
-                "EMA_WORKERS": "1",
-                "EMA_KEY_PREFIX": f"{label}:",
-                "PROMETHEUS_MULTIPROC_DIR": str(metrics),
-            }
-            argv = [sys.executable, "-m", "app"]
-            servers[label] = HttpServer(label, argv, env, folder, work / f"{label}.log")
+            env = {"EMA_KEY_PREFIX": f"{label}:", "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+            servers[label] = start_service(
+                redis, work, name=label, log=f"{label}.log", workers=1, env=env, checkout=checkout
+            )
         for server in servers.values():
             server.wait_ready()
         body = work / "body.json"
@@ -73,19 +67,14 @@ def main() -> int:
         wrk = WrkLoad(1, 32)
         for server in servers.values():  # the streams exist before the first GET
             wrk.run(server.url, "post.lua", [str(STREAMS), str(body)], 1)
-        print(
-            f"before: {args.ref}; after: this checkout; {args.rounds} alternated rounds of "
-            f"{args.duration}s, wrk -c32; load average {os.getloadavg()[0]:.1f}"
-        )
-        print()
-        print("| workload | CPU µs/req before | after | ÷ by CPU | req/s before | after |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        rows = []
         for workload, script in WORKLOADS:
             script_args = [str(STREAMS), str(body)] if script == "post.lua" else [str(STREAMS)]
             cpu = dict.fromkeys(servers, 0.0)
             calls = dict.fromkeys(servers, 0)
             rates: dict[str, list[float]] = {label: [] for label in servers}
             for round_ in range(args.rounds):
+                progress(f"{workload}: round {round_ + 1} of {args.rounds}")
                 order = list(servers.items())
                 for label, server in order if round_ % 2 == 0 else order[::-1]:
                     used = server.cpu_seconds()
@@ -96,17 +85,25 @@ def main() -> int:
                     if result.errors:
                         raise BenchError(f"{label}: {result.errors} errors on {workload}")
             per = {label: cpu[label] * 1e6 / max(calls[label], 1) for label in servers}
-            print(
-                f"| {workload} | {per['before']:,.0f} | {per['after']:,.0f} | "
-                f"{per['before'] / per['after']:.2f} | {statistics.median(rates['before']):,.0f} "
-                f"| {statistics.median(rates['after']):,.0f} |"
+            rows.append(
+                [
+                    workload,
+                    f"{per['before']:,.0f}",
+                    f"{per['after']:,.0f}",
+                    f"{per['before'] / per['after']:.2f}",
+                    f"{statistics.median(rates['before']):,.0f}",
+                    f"{statistics.median(rates['after']):,.0f}",
+                ]
             )
-    return 0
+        columns = ["workload", "CPU µs/req before", "after", "÷ by CPU", "req/s before", "after"]
+        head = (
+            f"before: {args.ref}; after: this checkout; {args.rounds} alternated rounds of "
+            f"{args.duration}s, wrk -c32\n{load_line()}"
+        )
+        return lambda: head + "\n\n" + markdown_table(columns, rows, "lrrrrr")
+
+    return run_bench("ab", measure)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(main())

@@ -111,9 +111,11 @@ def start_service(
     log: str = "service.log",
     workers: int | None = None,
     env: Mapping[str, str] | None = None,
+    checkout: Path = ROOT,
 ) -> HttpServer:
-    """`python -m app` on a free port on `redis`, one uvicorn worker per core unless told, none
-    of the caller's EMA_ and REDIS_ variables but those in `env`. Not yet ready: wait_ready()."""
+    """`python -m app` of `checkout` on a free port on `redis`, one uvicorn worker per core
+    unless told, none of the caller's EMA_ and REDIS_ variables but those in `env`. Not yet
+    ready: wait_ready()."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("EMA_", "REDIS_"))}
     environment |= {
         "REDIS_URL": redis.url,
@@ -123,7 +125,8 @@ def start_service(
         "EMA_WORKERS": str(workers or len(os.sched_getaffinity(0))),
         **(env or {}),
     }
-    return HttpServer(name, [sys.executable, "-m", "app"], environment, ROOT, workdir / log)
+    # Run from the checkout's folder, whose app/ then comes first on the path.
+    return HttpServer(name, [sys.executable, "-m", "app"], environment, checkout, workdir / log)
 
 
 class Rounds:
