@@ -170,14 +170,18 @@ def signals_exit() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def main(name: str, measure: Callable[[Path, contextlib.ExitStack], Callable[[], str]]) -> int:
+def main(
+    name: str,
+    measure: Callable[[Path, contextlib.ExitStack], Callable[[], str]],
+    tools: Sequence[str] = ("wrk", "redis-benchmark", "redis-server"),
+) -> int:
     """Runs `measure(workdir, stack)`, which starts what it measures (registering how to stop
     it on `stack`), measures, and returns the report; the report is printed to stdout once
-    every process has stopped. The exit status: 0, 1 on a BenchError, 2 when a tool is missing,
-    130 on Ctrl-C."""
+    every process has stopped; `tools` are the programs it needs on PATH. The exit status: 0,
+    1 on a BenchError, 2 when a tool is missing, 130 on Ctrl-C."""
     global _NAME, _LOAD_BEFORE
     _NAME, _LOAD_BEFORE = name, loadavg()
-    if problems := missing_tools():
+    if problems := missing_tools(tools):
         print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr)
         return 2
     try:

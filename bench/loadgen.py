@@ -5,7 +5,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +23,11 @@ INSTALL_HINTS = {
 }
 
 
-def missing_tools() -> list[str]:
-    """One line per tool the benchmark needs that is not on PATH, with how to install it."""
+def missing_tools(tools: Iterable[str] = tuple(INSTALL_HINTS)) -> list[str]:
+    """One line per tool of `tools` that is not on PATH, with how to install it."""
     return [
-        f"{tool} not found on PATH. Install it: {hint}"
-        for tool, hint in INSTALL_HINTS.items()
+        f"{tool} not found on PATH. Install it: {INSTALL_HINTS[tool]}"
+        for tool in tools
         if shutil.which(tool) is None
     ]
 

@@ -196,7 +196,7 @@ def main() -> int:
         memory = bytes_per_stream(client, scripts, args.streams, workdir) if args.streams else ""
         return lambda: report(args, memory)
 
-    return run_bench("cost", measure_all)
+    return run_bench("cost", measure_all, tools=("redis-server",))
 
 
 def report(args: argparse.Namespace, memory: str) -> str:
