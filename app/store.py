@@ -469,13 +469,16 @@ class StreamStore:
                 names, next_position = rest, end
             else:
                 next_position = position
+            count = limit - len(names)
             while next_position is not None and calls < _SCAN_CALLS and len(names) < limit:
                 position = next_position
                 room = limit - len(names)
-                next_position, batch = await self._scan_names(position, pattern, room)
+                next_position, batch = await self._scan_names(position, pattern, count)
                 calls += 1
                 if len(batch) <= room:
                     names += batch
+                    # Keys for about the room left, at the share of keys that were names.
+                    count = min(_SCAN_COUNT, (room - len(batch)) * count // max(len(batch), 1))
                 elif names:  # the next page reads this batch whole
                     return StreamPage(streams=names, next_cursor=_encode_cursor(position))
                 else:
