@@ -39,7 +39,7 @@ from harness import (
 )
 from harness import main as run_bench
 from loadgen import RedisBenchmark, Result, WrkLoad
-from servers import BenchError, RedisServer
+from servers import BenchError, RedisServer, resp
 
 STREAMS = 16  # single pushes cycle over s000000000000 .. s000000000015
 # Bulk pushes: (entries, values per entry), over the streams b000000000000, b000000000001, ...
@@ -314,14 +314,6 @@ class Bench:
     def redis_flush(self) -> None:
         with self.redis.client() as client:
             client.flushall()
-
-
-def resp(argv: list[str]) -> bytes:
-    parts = [f"*{len(argv)}\r\n".encode()]
-    for arg in argv:
-        data = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
 
 
 def post(url: str, path: str, body: object, method: str = "POST") -> dict[str, object]:

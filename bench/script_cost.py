@@ -29,7 +29,7 @@ from pathlib import Path
 import redis
 from harness import load_line, markdown_table, progress
 from harness import main as run_bench
-from servers import BenchError, RedisServer
+from servers import BenchError, RedisServer, resp
 
 from app.codec import config_fields
 from app.keys import KeyLayout
@@ -162,14 +162,6 @@ def bytes_per_stream(client: "redis.Redis", scripts: PushScript, count: int, wor
         f"{count:,} fixed-decay streams: used_memory grew by **{(after - before) / count:.0f} "
         f"bytes per stream**; `MEMORY USAGE` of one: {usage} bytes; its fields: {shown}"
     )
-
-
-def resp(argv: list[str]) -> bytes:
-    parts = [f"*{len(argv)}\r\n".encode()]
-    for arg in argv:
-        data = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
 
 
 def main() -> int:

@@ -90,6 +90,15 @@ def stop_all(groups: Sequence[Group], timeout: float = 10.0) -> None:
             group.process.wait()
 
 
+def resp(argv: list[str]) -> bytes:
+    """A command in the Redis protocol, as `redis-cli --pipe` reads it."""
+    parts = [f"*{len(argv)}\r\n".encode()]
+    for arg in argv:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class RedisServer(Group):
     """redis-server with persistence off, for the benchmark alone."""
 

@@ -23,7 +23,7 @@ from ema_client.cli import NAME_RULE as CLI_NAME_RULE
 from app.keys import NAME_RULE
 from tests.redis_server import RedisServer, free_port
 from tests.service import ServiceProcess
-from tests.utils import FAST, Proxy, needs_events
+from tests.utils import FAST, Proxy, needs_events, read_terminal
 
 EMA = Path(sys.executable).parent / "ema"
 
@@ -413,16 +413,8 @@ def test_watch_decays_a_rate_to_now_on_a_terminal(service: ServiceProcess, name:
         stderr=terminal,
     )
     os.close(terminal)
-    output = bytearray()
     try:
-        while True:  # until the watch ends and its terminal closes
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
+        output = read_terminal(controller)  # until the watch ends and its terminal closes
         assert process.wait(10) == 0
     finally:
         if process.poll() is None:

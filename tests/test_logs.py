@@ -20,7 +20,7 @@ from app.auth import ApiKey, hash_key
 from app.logs import JsonFormatter, TextFormatter, TurnBatchedHandler
 from tests.redis_server import RedisServer
 from tests.service import ServiceProcess
-from tests.utils import make_settings, serve
+from tests.utils import make_settings, read_terminal, serve
 
 
 @pytest.mark.anyio
@@ -97,14 +97,7 @@ def run_on_a_terminal(tmp_path: Path, redis_url: str, **env: str) -> list[str]:
         with service:
             httpx.get(f"{service.url}/v1/streams/nothing-here")
             service.stop()
-            while True:  # the terminal's buffer, until the last writer is gone
-                try:
-                    chunk = os.read(controller, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                output += chunk
+            output += read_terminal(controller)  # the buffer, until the last writer is gone
     finally:
         os.close(controller)
     return output.decode().splitlines()

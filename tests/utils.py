@@ -332,3 +332,17 @@ def processes_marked(run_id: str) -> list[tuple[int, str]]:
         if command:  # a zombie has none, and is gone once reaped
             found.append((int(entry.name), command))
     return found
+
+
+def read_terminal(controller: int) -> bytes:
+    """All a pseudo-terminal's programs write, until the last of them closes it."""
+    output = bytearray()
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: no writer left
+            break
+        if not chunk:
+            break
+        output += chunk
+    return bytes(output)
