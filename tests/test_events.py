@@ -17,7 +17,7 @@ from app.keys import KeyLayout
 from app.models import StreamConfig, StreamState
 from app.routes.events import _stream
 from tests.redis_server import RedisServer
-from tests.reference import ReferenceEma
+from tests.reference import ReferenceEma, exact_time_spread, z_score
 from tests.service import ServiceProcess
 from tests.utils import subscribe
 
@@ -191,22 +191,43 @@ def test_replayed_events_carry_the_sample_time_as_the_history_does(
     first, _ = replicas
     url = f"{first.url}/v1/streams/t"
     httpx.put(url, json={"halflife": 10, "history": 10})
-    live = httpx.post(f"{url}/values", json={"value": 2.0, "timestamp": 1000.25}).json()
-    assert live["timestamp"] == 1000.25
+    values, times = [2.0, 7.5, -1.25, 4.0], [1000.25, 1003.0, 1003.5, 1011.0]
+    for value, time in zip(values, times, strict=True):
+        live = httpx.post(f"{url}/values", json={"value": value, "timestamp": time}).json()
+    assert live["timestamp"] == 1011.0
     assert live["updated_at"] > 1_700_000_000  # the server's clock, not the sample's
-    [entry] = httpx.get(f"{url}/history").json()["entries"]
-    assert entry["time"] == 1000.25
+    entries = httpx.get(f"{url}/history").json()["entries"]
+    assert [entry["time"] for entry in entries] == times
     with subscribe(f"{url}/events", {"Last-Event-ID": "0"}) as events:
-        kind, event_id, data = events.next()
-    assert (kind, event_id) == ("update", "1")
-    assert data == {
-        "name": "t",
-        "count": 1,
-        "value": live["value"],
-        "last": 2.0,
-        "timestamp": 1000.25,
-        "replayed": True,
-    }
+        replayed = [events.next() for _ in values]
+    assert [(kind, event_id) for kind, event_id, _ in replayed] == [
+        ("update", str(n)) for n in range(1, 5)
+    ]
+    for n, (_, _, data) in enumerate(replayed, 1):
+        # The spread of the samples so far, and the z of each against the spread before it:
+        # computed from the weights themselves (tests/reference.py), not by the service.
+        spread = exact_time_spread(values[:n], times[:n], 10.0)
+        before = exact_time_spread(values[: n - 1], times[: n - 1], 10.0) if n > 1 else None
+        z = z_score(values[n - 1], before)
+        assert data.keys() == {
+            "name", "count", "value", "last", "timestamp", "std", "z", "replayed"
+        }  # fmt: skip
+        assert (data["name"], data["count"], data["last"]) == ("t", n, values[n - 1])
+        assert (data["timestamp"], data["replayed"]) == (times[n - 1], True)
+        assert data["value"] == entries[n - 1]["value"]
+        assert close(data["std"], spread.std)
+        assert close(data["z"], z, rel=1e-9)
+        # What the history keeps, the replay carries.
+        assert (data["std"], data["z"]) == (entries[n - 1]["std"], entries[n - 1]["z"])
+    assert live["std"] == replayed[-1][2]["std"] is not None
+    assert live["z"] == replayed[-1][2]["z"] is not None
+    assert replayed[0][2]["std"] is None  # one sample has no spread
+
+
+def close(a: float | None, b: float | None, rel: float = 1e-12) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == pytest.approx(b, rel=rel, abs=0)
 
 
 @pytest.mark.anyio

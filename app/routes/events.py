@@ -39,8 +39,8 @@ def _lagged(missed: int | None) -> bytes:
 async def _replay(store: StreamStore, name: str, after: int) -> AsyncIterator[tuple[bytes, int]]:
     """What a client that saw event `after` missed, from the history: (text, last id).
 
-    The history keeps each value's count, main value, raw value and sample time, not the whole
-    state: a replayed event carries those (`timestamp` is the sample's time), marked
+    The history keeps each value's count, main value, raw value, sample time, std and z, not the
+    whole state: a replayed event carries those (`timestamp` is the sample's time), marked
     `replayed`."""
     try:
         current = (await store.get(name)).count
@@ -64,6 +64,8 @@ async def _replay(store: StreamStore, name: str, after: int) -> AsyncIterator[tu
                 "value": entry.value,
                 "last": entry.raw,
                 "timestamp": entry.time,
+                "std": entry.std,
+                "z": entry.z,
                 "replayed": True,
             }
             yield f"id: {entry.id}\nevent: update\ndata: {json.dumps(data)}\n\n".encode(), entry.id
@@ -192,7 +194,7 @@ async def stream_events(
 
     `event: update` carries the new state (`id:` is the stream's count; a PUT that resets the
     stream sends count 0, and the counts start over). Events replayed from the history after a
-    reconnection carry name, count, value, last, timestamp (the sample's time) and
+    reconnection carry name, count, value, last, timestamp (the sample's time), std, z and
     `replayed: true`, what the history keeps. `event: lagged`
     carries `{"missed": n}` when updates were lost to this subscriber (n null: unknown);
     comment lines are heartbeats; `event: shutdown` ends the stream when the service stops.
