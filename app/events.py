@@ -2,6 +2,12 @@
 each service process keeps one Pub/Sub connection and fans the announcements out to its
 subscribers, so a subscriber sees pushes applied through any replica.
 
+The updates of one channel (or pattern) are gathered for all of its subscribers at once: each
+is rendered once, and those that arrive within one write interval (25 ms) are joined into one
+batch, whose bytes every subscriber of the channel writes as they are, in one write. So a push
+costs the process the same whatever the number of subscribers; each subscriber costs at most one
+write per interval. An update after a quiet spell still goes at once.
+
 A subscriber has a bounded queue: a slow one never slows pushes or other subscribers. When its
 queue is full it loses the oldest updates and is told how many (a `lagged` event) rather than
 being skipped silently; the same happens to every subscriber when the Pub/Sub connection drops.
@@ -10,6 +16,7 @@ being skipped silently; the same happens to every subscriber when the Pub/Sub co
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,6 +32,10 @@ from app.models import StreamState
 log = logging.getLogger(__name__)
 
 _RECONNECT_DELAY = 0.5
+# The least time between two batches of one channel: under a steady flow of updates each write
+# carries all that arrived meanwhile (for the service and the client alike, fewer and larger
+# writes), while an update after a quiet spell still goes at once.
+WRITE_INTERVAL = 0.025
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,27 @@ class Update:
         return b"id: %d\n" % self.count + self.event
 
 
+@dataclass(eq=False)
+class Batch:
+    """The updates of one channel or pattern within one write interval, oldest first: their
+    events joined once, the same bytes for all its subscribers."""
+
+    updates: list[Update]
+
+    @cached_property
+    def lowest(self) -> int:
+        """The lowest count in the batch."""
+        return min(update.count for update in self.updates)
+
+    @cached_property
+    def events(self) -> bytes:
+        return b"".join([update.event for update in self.updates])
+
+    @cached_property
+    def events_with_ids(self) -> bytes:
+        return b"".join([update.event_with_id for update in self.updates])
+
+
 @dataclass
 class Lagged:
     """Updates a subscriber did not get: `missed` of them, or an unknown number (None)."""
@@ -60,19 +92,41 @@ class Lagged:
     missed: int | None
 
 
+def _size(item: Batch | Lagged | None) -> int:
+    """The updates an item of a subscriber's queue stands for (a Lagged counts as one)."""
+    return len(item.updates) if isinstance(item, Batch) else 1
+
+
+class UpdateQueue(asyncio.Queue[Batch | Lagged | None]):
+    """A subscriber's queue, which counts the updates it holds."""
+
+    held = 0
+
+    def _put(self, item: Batch | Lagged | None) -> None:
+        super()._put(item)
+        self.held += _size(item)
+
+    def _get(self) -> Batch | Lagged | None:
+        item: Batch | Lagged | None = super()._get()
+        self.held -= _size(item)
+        return item
+
+
 @dataclass(eq=False)
 class Subscription:
-    """One subscriber's queue of updates for one channel or pattern."""
+    """One subscriber's queue of batches of updates for one channel or pattern."""
 
     topic: str
     is_pattern: bool
     queue_size: int
-    updates: asyncio.Queue[Update | Lagged | None] = field(default_factory=asyncio.Queue)
+    updates: UpdateQueue = field(default_factory=UpdateQueue)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def offer(self, item: Update | Lagged) -> None:
-        """Queue an update; a full queue is replaced by one Lagged counting what it held."""
-        if self.updates.qsize() >= self.queue_size:
+    def offer(self, item: Batch | Lagged) -> None:
+        """Queue a batch; when the queue would hold more than `queue_size` updates, what it
+        held is replaced by one Lagged counting the updates lost (a batch alone is never cut)."""
+        held = self.updates.held
+        if held and held + _size(item) > self.queue_size:
             missed: int | None = 0
             while not self.updates.empty():
                 dropped = self.updates.get_nowait()
@@ -81,14 +135,59 @@ class Subscription:
                 if isinstance(dropped, Lagged):
                     missed = None if dropped.missed is None else missed + dropped.missed
                 else:
-                    missed += 1
+                    missed += len(dropped.updates)
             self.updates.put_nowait(Lagged(missed))
         self.updates.put_nowait(item)
+
+    async def take(self, within: float) -> list[Batch | Lagged | None]:
+        """Everything queued, oldest first, waiting up to `within` seconds for something to
+        come (empty: nothing came). None ends the subscription."""
+        items: list[Batch | Lagged | None] = []
+        if self.updates.empty():
+            try:
+                async with asyncio.timeout(within):  # no task per wait, as wait_for makes
+                    items.append(await self.updates.get())
+            except TimeoutError:
+                return items
+        while not self.updates.empty():
+            items.append(self.updates.get_nowait())
+        return items
 
     def close(self) -> None:
         """End the subscription: its reader gets None after what is queued."""
         self.ready.set()
         self.updates.put_nowait(None)
+
+
+@dataclass(eq=False)
+class _Topic:
+    """The subscriptions of one channel or pattern, and the updates they have yet to get: at
+    most one batch per write interval, shared by all of them."""
+
+    loop: asyncio.AbstractEventLoop
+    subscriptions: set[Subscription] = field(default_factory=set)
+    pending: list[Update] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+    flushed: float = -math.inf  # the loop's time of the last batch
+
+    def add(self, update: Update) -> None:
+        self.pending.append(update)
+        if self.timer is None:
+            at = max(self.loop.time(), self.flushed + WRITE_INTERVAL)
+            self.timer = self.loop.call_at(at, self.flush)
+
+    def flush(self) -> None:
+        """Hand what is pending to every subscription, as one batch."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.pending:
+            return
+        batch = Batch(self.pending)
+        self.pending = []
+        self.flushed = self.loop.time()
+        for subscription in self.subscriptions:
+            subscription.offer(batch)
 
 
 class SubscriptionLimit(Exception):
@@ -105,7 +204,7 @@ class EventHub:
         self._layout = layout
         self._queue_size = queue_size
         self._max_subscriptions = max_subscriptions
-        self._subscribers: dict[str, set[Subscription]] = {}
+        self._topics: dict[str, _Topic] = {}
         self._confirmed: set[str] = set()
         self._pubsub: PubSub | None = None
         self._changed = asyncio.Event()
@@ -115,7 +214,7 @@ class EventHub:
 
     @property
     def count(self) -> int:
-        return sum(len(subscribers) for subscribers in self._subscribers.values())
+        return sum(len(topic.subscriptions) for topic in self._topics.values())
 
     @property
     def full(self) -> bool:
@@ -127,8 +226,9 @@ class EventHub:
     async def close(self) -> None:
         """End every subscription (their streams finish cleanly) and the Pub/Sub connection."""
         self._closing = True
-        for subscribers in list(self._subscribers.values()):
-            for subscription in subscribers:
+        for topic in list(self._topics.values()):
+            topic.flush()
+            for subscription in topic.subscriptions:
                 subscription.close()
         self._changed.set()
         if self._task is not None:
@@ -147,19 +247,26 @@ class EventHub:
         else:
             pattern = self._layout.channel_pattern(prefix or "")
             subscription = Subscription(pattern, True, self._queue_size)
-        self._subscribers.setdefault(subscription.topic, set()).add(subscription)
+        topic = self._topics.get(subscription.topic)
+        if topic is None:
+            topic = self._topics[subscription.topic] = _Topic(asyncio.get_running_loop())
+        # What is pending arrived before this subscription: it goes to the others now.
+        topic.flush()
+        topic.subscriptions.add(subscription)
         if subscription.topic in self._confirmed:
             subscription.ready.set()
         self._changed.set()
         return subscription
 
     def release(self, subscription: Subscription) -> None:
-        subscribers = self._subscribers.get(subscription.topic)
-        if subscribers is None or subscription not in subscribers:
+        topic = self._topics.get(subscription.topic)
+        if topic is None or subscription not in topic.subscriptions:
             return
-        subscribers.discard(subscription)
-        if not subscribers:
-            del self._subscribers[subscription.topic]
+        topic.subscriptions.discard(subscription)
+        if not topic.subscriptions:
+            if topic.timer is not None:
+                topic.timer.cancel()
+            del self._topics[subscription.topic]
         self._changed.set()
 
     @contextlib.asynccontextmanager
@@ -190,8 +297,9 @@ class EventHub:
                         self._dispatch(message)
             except Exception as error:  # the hub must outlive any failure: retry after a pause
                 log.warning("event hub lost Redis (%r); reconnecting", error)
-                for subscribers in self._subscribers.values():
-                    for subscription in subscribers:
+                for topic in self._topics.values():
+                    topic.flush()  # what arrived before the loss, then the news of it
+                    for subscription in topic.subscriptions:
                         subscription.offer(Lagged(None))
                 await asyncio.sleep(_RECONNECT_DELAY)
             finally:
@@ -203,7 +311,7 @@ class EventHub:
         if not self._changed.is_set() and subscribed:
             return
         self._changed.clear()
-        wanted = set(self._subscribers)
+        wanted = set(self._topics)
         for topic in wanted - subscribed:
             if topic.endswith("*}:events"):
                 await pubsub.psubscribe(topic)
@@ -222,15 +330,15 @@ class EventHub:
         kind = message["type"]
         if kind in ("subscribe", "psubscribe"):
             self._confirmed.add(str(message["channel"]))
-            for subscription in self._subscribers.get(str(message["channel"]), ()):
+            confirmed = self._topics.get(str(message["channel"]))
+            for subscription in confirmed.subscriptions if confirmed else ():
                 subscription.ready.set()
             return
         if kind not in ("message", "pmessage"):
             return
         channel, data = str(message["channel"]), str(message["data"])
-        topic = str(message["pattern"]) if kind == "pmessage" else channel
-        subscribers = self._subscribers.get(topic)
-        if not subscribers:
+        topic = self._topics.get(str(message["pattern"]) if kind == "pmessage" else channel)
+        if topic is None:
             return
         # The same announcement comes once per matching subscription (a stream's own and a
         # prefix's): rendered once.
@@ -241,8 +349,7 @@ class EventHub:
             name = self._layout.name_of_channel(channel)
             update = Update.from_fields(name, decode_fields(data))
             self._last = (channel, data, update)
-        for subscription in subscribers:
-            subscription.offer(update)
+        topic.add(update)
 
 
 class PubSubSource(Protocol):

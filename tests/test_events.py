@@ -1,5 +1,6 @@
 """Subscriptions over Server-Sent Events, through real service processes sharing one Redis."""
 
+import asyncio
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,14 +13,15 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from app.errors import StoreUnavailable
-from app.events import EventHub, Lagged, Subscription, Update
+from app.events import Batch, EventHub, Lagged, Subscription, Update
 from app.keys import KeyLayout
+from app.main import create_app
 from app.models import StreamConfig, StreamState
 from app.routes.events import _stream
 from tests.redis_server import RedisServer
 from tests.reference import ReferenceEma, exact_time_spread, z_score
 from tests.service import ServiceProcess
-from tests.utils import subscribe
+from tests.utils import make_settings, subscribe
 
 
 @pytest.fixture
@@ -140,22 +142,68 @@ def state(count: int) -> Update:
     )  # fmt: skip
 
 
+def batch(*counts: int) -> Batch:
+    return Batch([state(count) for count in counts])
+
+
 def test_slow_subscriber_is_told_how_many_updates_it_lost() -> None:
     subscription = Subscription("topic", is_pattern=False, queue_size=3)
     for count in range(1, 8):
-        subscription.offer(state(count))
+        subscription.offer(batch(count))
     received = []
     while not subscription.updates.empty():
         item = subscription.updates.get_nowait()
-        received.append(item if isinstance(item, Lagged) else item.count if item else None)
+        received.append(item if isinstance(item, Lagged) else item.lowest if item else None)
     # A full queue (3) becomes one Lagged counting what it held: at the 4th update the first 3
     # are dropped; at the 6th, that Lagged(3) and updates 4 and 5 become Lagged(5).
     assert received == [Lagged(5), 6, 7]
     subscription.offer(Lagged(None))
-    subscription.offer(state(8))
-    subscription.offer(state(9))
-    subscription.offer(state(10))
+    subscription.offer(batch(8))
+    subscription.offer(batch(9))
+    subscription.offer(batch(10))
     assert subscription.updates.get_nowait() == Lagged(None)
+
+
+def test_the_queue_bound_counts_the_updates_of_each_batch() -> None:
+    subscription = Subscription("topic", is_pattern=False, queue_size=4)
+    subscription.offer(batch(1, 2, 3))
+    subscription.offer(batch(4))
+    subscription.offer(batch(5, 6))  # 6 updates held: over 4, the first 4 are lost
+    assert subscription.updates.get_nowait() == Lagged(4)
+    assert [update.count for update in subscription.updates.get_nowait().updates] == [5, 6]
+    subscription.offer(batch(*range(7, 17)))  # a batch over the bound alone is kept whole
+    assert subscription.updates.get_nowait().lowest == 7
+
+
+@pytest.mark.anyio
+async def test_the_subscribers_of_a_stream_share_its_batches(
+    redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    app = create_app(make_settings(redis_server.url))
+    async with app.router.lifespan_context(app):
+        hub: EventHub = app.state.hub
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://ema.test") as http,
+            hub.subscribe(name="a") as first,
+            hub.subscribe(name="a") as second,
+        ):
+            await asyncio.wait_for(first.ready.wait(), 5)
+            pushes = [http.post("/v1/streams/a/values", json={"value": 1.0}) for _ in range(20)]
+            await asyncio.gather(*pushes)
+            batches: list[list[Batch]] = [[], []]
+            while sum(len(b.updates) for b in batches[0]) < 20:
+                for taken, subscription in zip(batches, (first, second), strict=True):
+                    items = await subscription.take(5)
+                    assert all(isinstance(item, Batch) for item in items)
+                    taken += items  # type: ignore[arg-type]
+    # The very same batches (joined once), every update in order, in fewer writes than updates.
+    assert [id(b) for b in batches[0]] == [id(b) for b in batches[1]]
+    assert [u.count for b in batches[0] for u in b.updates] == list(range(1, 21))
+    assert len(batches[0]) < 20
+    assert batches[0][-1].events_with_ids == b"".join(
+        b"id: %d\nevent: update\ndata: %s\n\n" % (u.count, u.data) for u in batches[0][-1].updates
+    )
 
 
 def test_put_resets_a_resumed_subscription(

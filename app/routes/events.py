@@ -18,11 +18,6 @@ from app.store import StreamStore
 
 router = APIRouter(tags=["events"])
 
-_BURST = 256
-# The least time between two writes to one event stream: under a steady flow of updates each
-# write carries all that arrived meanwhile (for the service and the client alike, fewer and
-# larger writes), while an update after a quiet spell still goes at once.
-_WRITE_INTERVAL = 0.025
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _EVENT_STREAM: dict[int | str, dict[str, Any]] = {
     200: {
@@ -95,26 +90,13 @@ async def _follow(
                 seen = replayed
         except StoreUnavailable:
             yield _lagged(None)
-    loop = asyncio.get_running_loop()
-    written = -_WRITE_INTERVAL
-    updates = subscription.updates
     while True:
-        if updates.empty():
-            try:
-                async with asyncio.timeout(heartbeat):  # no task per update, as wait_for makes
-                    first = await updates.get()
-            except TimeoutError:
-                yield b": keep-alive\n\n"
-                continue
-        else:
-            first = updates.get_nowait()
-        pause = written + _WRITE_INTERVAL - loop.time()
-        if first is not None and pause > 0:
-            await asyncio.sleep(pause)
-        # Whatever else is queued goes in the same write: one send for a burst of updates.
-        items = [first]
-        while len(items) < _BURST and not updates.empty():
-            items.append(updates.get_nowait())
+        items = await subscription.take(heartbeat)
+        if not items:
+            yield b": keep-alive\n\n"
+            continue
+        # All that is queued goes in one write; a batch most often alone, its bytes as the hub
+        # joined them for every subscriber of the stream.
         chunk: list[bytes] = []
         for item in items:
             if item is None:
@@ -122,14 +104,17 @@ async def _follow(
                 return
             if isinstance(item, Lagged):
                 chunk.append(_lagged(item.missed))
-            elif item.count > seen or item.count == 0:
-                # Counts at most `seen` were replayed already; but a count of 0 announces a
-                # reset (PUT), after which the counts start over.
-                seen = -1 if item.count == 0 else seen
-                chunk.append(item.event_with_id if with_ids else item.event)
+            elif item.lowest > seen:
+                chunk.append(item.events_with_ids if with_ids else item.events)
+            else:
+                for update in item.updates:
+                    if update.count > seen or update.count == 0:
+                        # Counts at most `seen` were replayed already; but a count of 0
+                        # announces a reset (PUT), after which the counts start over.
+                        seen = -1 if update.count == 0 else seen
+                        chunk.append(update.event_with_id if with_ids else update.event)
         if chunk:
-            yield b"".join(chunk)
-            written = loop.time()
+            yield chunk[0] if len(chunk) == 1 else b"".join(chunk)
 
 
 class _EventStream(StreamingResponse):
