@@ -1,6 +1,6 @@
 """The service at another commit against this checkout's, by CPU per request, in one run.
 
-    .venv/bin/python bench/ab.py REF [--rounds N] [--duration SECONDS]
+    .venv/bin/python bench/ab.py REF [--rounds N] [--duration SECONDS] [--subscribers N]
 
 Checks REF out in a temporary git worktree, serves both (`python -m app` from each folder, one
 uvicorn worker each, with a metrics folder as several workers have) on one private redis-server
@@ -8,6 +8,10 @@ uvicorn worker each, with a metrics folder as several workers have) on one priva
 (every other round in reverse order). Prints each side's CPU per request (its process's user +
 system time over its rounds ÷ the requests wrk counted) and median throughput, and the ratio
 before ÷ after by CPU: on a shared machine, the figure that noise changes least.
+
+With `--subscribers N`, a third workload pushes one value with N event streams open on each side
+(bench/subscribers.py, spread over the pushed streams, opened afresh each round), and each side's
+ratio with subscribers ÷ without, by throughput and by CPU, is printed too.
 """
 
 import argparse
@@ -23,6 +27,7 @@ from harness import ROOT, load_line, markdown_table, progress, start_service
 from harness import main as run_bench
 from loadgen import WrkLoad
 from servers import BenchError, HttpServer, RedisServer, stop_all
+from subscribers import SubscriberProcess
 
 WORKLOADS = (("push 1 value", "post.lua"), ("GET", "get.lua"))
 STREAMS = 16
@@ -33,7 +38,13 @@ def main() -> int:
     parser.add_argument("ref", help="the commit to compare with (before)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=int, default=3)
+    parser.add_argument(
+        "--subscribers", type=int, default=0, help="also push with N event streams open"
+    )
     args = parser.parse_args()
+    workloads = list(WORKLOADS)
+    if args.subscribers:  # next to the push without subscribers: the ratio is of rounds close
+        workloads.insert(1, (f"push 1 value, {args.subscribers} subscribers", "post.lua"))
 
     def measure(work: Path, stack: contextlib.ExitStack) -> Callable[[], str]:
         before = work / "before"
@@ -67,8 +78,10 @@ def main() -> int:
         wrk = WrkLoad(1, 32)
         for server in servers.values():  # the streams exist before the first GET
             wrk.run(server.url, "post.lua", [str(STREAMS), str(body)], 1)
+        names = [f"s{index:012d}" for index in range(STREAMS)]  # as post.lua names them
         rows = []
-        for workload, script in WORKLOADS:
+        per_workload: dict[str, dict[str, tuple[float, float]]] = {}
+        for workload, script in workloads:
             script_args = [str(STREAMS), str(body)] if script == "post.lua" else [str(STREAMS)]
             cpu = dict.fromkeys(servers, 0.0)
             calls = dict.fromkeys(servers, 0)
@@ -77,14 +90,26 @@ def main() -> int:
                 progress(f"{workload}: round {round_ + 1} of {args.rounds}")
                 order = list(servers.items())
                 for label, server in order if round_ % 2 == 0 else order[::-1]:
-                    used = server.cpu_seconds()
-                    result = wrk.run(server.url, script, script_args, args.duration)
-                    cpu[label] += server.cpu_seconds() - used
+                    subscribers = None
+                    if "subscribers" in workload:
+                        subscribers = SubscriberProcess(server.url, names, args.subscribers)
+                    try:
+                        used = server.cpu_seconds()
+                        result = wrk.run(server.url, script, script_args, args.duration)
+                        if subscribers is not None:
+                            subscribers.finish()  # the updates still on their way, counted
+                        cpu[label] += server.cpu_seconds() - used
+                    finally:
+                        if subscribers is not None:
+                            subscribers.kill()
                     calls[label] += result.calls
                     rates[label].append(result.calls_per_second)
                     if result.errors:
                         raise BenchError(f"{label}: {result.errors} errors on {workload}")
             per = {label: cpu[label] * 1e6 / max(calls[label], 1) for label in servers}
+            per_workload[workload] = {
+                label: (per[label], statistics.median(rates[label])) for label in servers
+            }
             rows.append(
                 [
                     workload,
@@ -100,7 +125,22 @@ def main() -> int:
             f"before: {args.ref}; after: this checkout; {args.rounds} alternated rounds of "
             f"{args.duration}s, wrk -c32\n{load_line()}"
         )
-        return lambda: head + "\n\n" + markdown_table(columns, rows, "lrrrrr")
+        table = markdown_table(columns, rows, "lrrrrr")
+        if args.subscribers:
+            alone, crowded = per_workload[workloads[0][0]], per_workload[workloads[1][0]]
+            table += "\n\n" + markdown_table(
+                [f"side: {args.subscribers} subscribers ÷ none", "by throughput", "by CPU"],
+                [
+                    [
+                        label,
+                        f"{crowded[label][1] / alone[label][1]:.2f}",
+                        f"{alone[label][0] / crowded[label][0]:.2f}",
+                    ]
+                    for label in servers
+                ],
+                "lrr",
+            )
+        return lambda: head + "\n\n" + table
 
     return run_bench("ab", measure)
 
