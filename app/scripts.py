@@ -17,6 +17,7 @@ from redis.exceptions import NoScriptError
 
 from app.codec import decode_fields, encode_fields, number
 from app.models import Triple
+from app.pipelining import CommandSender
 
 
 def load_source(name: str) -> str:
@@ -42,10 +43,13 @@ class PushScript:
         *,
         create_with: Mapping[str, str] | None,
         max_clock_skew: float,
+        commands: CommandSender | None = None,
     ) -> None:
         """`create_with`: the hash a push to a missing stream creates it with; None makes such
-        a push fail (EMA_NOT_FOUND)."""
+        a push fail (EMA_NOT_FOUND). `commands`: what `run` sends its EVALSHA through (the
+        store's auto-pipeline), the client itself by default."""
         self._client = client
+        self._commands: CommandSender = client if commands is None else commands
         self._script = client.register_script(load_source("push"))
         self._create = ["0" if create_with is None else "1", encode_fields(create_with or {})]
         self._max_clock_skew = number(max_clock_skew)
@@ -86,12 +90,12 @@ class PushScript:
         """One `call` on its own: the stream's hash fields, and whether they are the stored
         reply of an earlier push with the same idempotency key."""
         # EVALSHA itself, as redis-py's Script would send it, without its per-call overhead.
-        command: tuple[str | int, ...] = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        command: tuple[str | int, ...] = (self._script.sha, len(keys), *keys, *args)
         try:
-            reply = await self._client.execute_command(*command)
+            reply = await self._commands.execute_command("EVALSHA", *command)
         except NoScriptError:
             await self._client.script_load(self.source)
-            reply = await self._client.execute_command(*command)
+            reply = await self._commands.execute_command("EVALSHA", *command)
         return push_reply(reply)
 
 

@@ -27,6 +27,7 @@ from app.codec import config_fields, encode_fields, history_entry, number, state
 from app.errors import InvalidInput, LateSample, ServiceError, StoreUnavailable, StreamNotFound
 from app.keys import NAME_PATTERN, KeyLayout
 from app.models import HistoryPage, StreamConfig, StreamPage, StreamState, Triple
+from app.pipelining import AutoPipeline, CommandSender
 from app.scripts import Idempotency, PushScript, push_reply
 from app.settings import Settings
 
@@ -100,12 +101,15 @@ class StreamStore:
         observer: StoreObserver | None = None,
     ) -> None:
         self._client = client
+        # A push's EVALSHA and a GET's HGETALL: the single commands of concurrent requests.
+        self._commands = self._command_sender(client)
         self._layout = KeyLayout(settings.key_prefix)
         defaults = settings.stream_defaults()
         self._push_script = PushScript(
             client,
             create_with=None if defaults is None else config_fields(defaults),
             max_clock_skew=settings.max_clock_skew,
+            commands=self._commands,
         )
         self._max_batch = settings.max_batch
         self._idempotency_seconds = settings.idempotency_seconds
@@ -179,6 +183,11 @@ class StreamStore:
 
     # --- what differs on a cluster (ClusterStreamStore) ----------------------------------------
 
+    def _command_sender(self, client: "Redis | RedisCluster") -> CommandSender:
+        """Where single commands go: on one server, those of one event-loop turn in one write
+        (app.pipelining)."""
+        return AutoPipeline(cast(Redis, client))
+
     async def ping(self) -> None:
         """Redis answers."""
         with self._errors():
@@ -186,7 +195,7 @@ class StreamStore:
 
     async def _time(self, key: str) -> Sequence[str | int]:
         """Redis server's TIME (on a cluster, of the node of `key`)."""
-        return cast(Sequence[str | int], await self._client.time())
+        return cast(Sequence[str | int], await self._commands.execute_command("TIME"))
 
     def _queue_time(self, pipe: "Pipeline | ClusterPipeline", key: str) -> None:
         """Queue Redis server's TIME in a pipeline (on a cluster, of the node of `key`)."""
@@ -248,8 +257,8 @@ class StreamStore:
     async def delete(self, name: str) -> None:
         with self._errors():
             # The history goes too; idempotency records expire on their own.
-            deleted = await self._client.delete(
-                self._layout.stream(name), self._layout.history(name)
+            deleted = await self._commands.execute_command(
+                "DEL", self._layout.stream(name), self._layout.history(name)
             )
         if not deleted:
             raise StreamNotFound(name)
@@ -398,7 +407,7 @@ class StreamStore:
         GET returns, in one HGETALL for most streams."""
         key = self._layout.stream(name)
         with self._errors():
-            fields = cast(dict[str, str], await self._client.hgetall(key))
+            fields = cast(dict[str, str], await self._commands.execute_command("HGETALL", key))
             if not fields:
                 raise StreamNotFound(name)
             if fields.get("k") != "r":
@@ -536,6 +545,12 @@ class ClusterStreamStore(StreamStore):
     ) -> None:
         super().__init__(client, settings, observer)
         self._cluster = client
+
+    def _command_sender(self, client: "Redis | RedisCluster") -> CommandSender:
+        # The cluster client routes each command to its node, follows MOVED and ASK, and
+        # re-reads the topology after a failure: coalescing per node would have to redo all
+        # that, so a cluster keeps one command per write.
+        return client
 
     async def ping(self) -> None:
         """A node answers and says the cluster can serve (its `cluster_state` is ok).
