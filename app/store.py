@@ -2,7 +2,8 @@
 RedisClusterStorage. StreamStore keeps the streams on one Redis server; ClusterStreamStore, on a
 Redis Cluster, overrides only what differs there: pushes grouped by node, listings walking every
 primary, the script loaded on a new primary, Redis' clock read through a key, readiness. Errors
-of the Redis client become domain errors in one place, `_domain_error`."""
+of the Redis client become domain errors in one place, `_domain_error`. On one server, the single
+commands of concurrent requests (a push, a GET) share writes to Redis (app.pipelining)."""
 
 import asyncio
 import base64
