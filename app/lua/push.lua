@@ -75,10 +75,8 @@
 -- Why the shape: Redis runs this whole chunk on every call, and what costs it most is what the
 -- script allocates (each table, closure and string, then collecting them) and each redis.call,
 -- more than any arithmetic: hence one read, one packed write, one string reply, few tables.
-
-local function finite(x)
-  return x == x and x ~= math.huge and x ~= -math.huge
-end
+-- A call costs too (a Lua function call about as much as ten arithmetic operations): `x - x ==
+-- 0` is how the script asks whether x is finite (inf - inf and NaN - NaN are NaN).
 
 -- TensorFlow's arithmetic, made only for a stream that uses it (A): a closure costs every call
 -- of the script that makes it.
@@ -164,7 +162,7 @@ local function decimal(s)
     return nil
   end
   local x = tonumber(s)
-  if x == nil or not finite(x) then
+  if x == nil or x - x ~= 0 then
     return nil
   end
   return x
@@ -352,7 +350,7 @@ end
 
 -- ARGV[j..j+2] as (value, num_updates or nil, time), or nil and the error. `auto`: a sample
 -- without num_updates uses the count; `reject_late`: one older than the epoch is refused.
-local function parse_sample(j, auto, reject_late, count, state, now, latest_allowed)
+local function parse_sample(j, auto, reject_late, count, state, now)
   local x = decimal(ARGV[j])
   if x == nil then
     return nil, refuse('EMA_INVALID', j, 'not a finite number')
@@ -369,6 +367,9 @@ local function parse_sample(j, auto, reject_late, count, state, now, latest_allo
   local at = now
   if ARGV[j + 2] ~= '' then
     at = decimal(ARGV[j + 2])
+    -- ARGV[6] parsed once, when a sample first has a timestamp (most pushes have none)
+    local latest_allowed = state.latest_allowed or now + tonumber(ARGV[6])
+    state.latest_allowed = latest_allowed
     if at == nil or at < 0 or at > latest_allowed then
       return nil, refuse('EMA_INVALID', j, 'timestamp must be in [0, %s] (Unix seconds; at most '
         .. string.gsub(ARGV[6], '%%', '%%%%') .. ' s past the server clock)', latest_allowed)
@@ -432,7 +433,7 @@ local function update_spread(state, x, d, weight, sum, total, want_z)
     before = state.mean
     if before == nil then
       state.mean, state.spread, state.spread_weight = x, 0, 0
-      return finite(x)
+      return x - x == 0
     end
     if want_z and u > 0 then
       v = q / u
@@ -443,7 +444,7 @@ local function update_spread(state, x, d, weight, sum, total, want_z)
     q = d * (q + a * delta * delta)
     -- 1 - sum of squared weights, kept as such: no cancellation when it is small
     u = d * (2 * a + d * u)
-    if not finite(state.mean) then
+    if state.mean - state.mean ~= 0 then
       return false
     end
   else
@@ -464,18 +465,16 @@ local function update_spread(state, x, d, weight, sum, total, want_z)
   state.spread, state.spread_weight = q, u
   if v and v > 0 then
     local z = (x - before) / math.sqrt(v)
-    if finite(z) then
+    if z - z == 0 then
       state.z = z
     end
   end
   -- the variance reported (codec.py), q / u or q * Z / u, is finite like every number reported
+  local reported = q
   if u > 0 then
-    if d then
-      return finite(q / u)
-    end
-    return finite(q * total / u)
+    reported = d and q / u or q * total / u
   end
-  return finite(q)
+  return reported - reported == 0
 end
 
 -- One sample into window w (config itself for the main value); the error if it overflows.
@@ -489,11 +488,14 @@ local function apply_window(config, w, r, state, x, x32, steps, at, want_z)
     end
     r[slot] = r[slot] + x * weight
     r[slot + 1] = r[slot + 1] + weight
-    if not finite(r[slot]) then
+    if r[slot] - r[slot] ~= 0 then
       return 'the update overflows float64'
     end
-    if config.rate and not finite(r[slot] * math.log(2) / w.halflife) then
-      return 'the rate overflows float64'
+    if config.rate then
+      local rate = r[slot] * math.log(2) / w.halflife
+      if rate - rate ~= 0 then
+        return 'the rate overflows float64'
+      end
     end
     return nil
   end
@@ -535,17 +537,18 @@ local function apply_window(config, w, r, state, x, x32, steps, at, want_z)
     state.biased = state.biased - (1 - d) * (state.biased - x)
   end
   r[slot] = shadow
-  if not finite(shadow) then
+  if shadow - shadow ~= 0 then
     return 'the update overflows float64'
   end
   if main then
-    if not finite(state.biased) then
+    if state.biased - state.biased ~= 0 then
       return 'the update overflows float64'
     end
     state.product = state.product * d
     state.used = d
     local correction = 1 - state.product
-    if correction ~= 0 and not finite(state.biased / correction) then
+    local corrected = state.biased / correction
+    if correction ~= 0 and corrected - corrected ~= 0 then
       return 'the bias-corrected value overflows float64'
     end
   end
@@ -643,14 +646,13 @@ local r, state, last = read_state(s, config)
 local count = tonumber(s.n)
 local history = tonumber(s.h) or 0
 local auto, reject_late = s.a == '1', s.L == 'r'
-local entries = {}  -- per sample, with a history: its entry, packed
+local entries = history > 0 and {}  -- per sample, with a history: its entry, packed
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
-local latest_allowed = now + tonumber(ARGV[6])
 
 for j = 7, #ARGV, 3 do
-  local x, steps, at = parse_sample(j, auto, reject_late, count, state, now, latest_allowed)
+  local x, steps, at = parse_sample(j, auto, reject_late, count, state, now)
   if x == nil then
     return steps
   end
@@ -658,7 +660,7 @@ for j = 7, #ARGV, 3 do
   local x32
   if config.dtype == '32' then
     x32 = config.tensorflow.float32(x)
-    if not finite(x32) then
+    if x32 - x32 ~= 0 then
       return refuse('EMA_INVALID', j, 'the value overflows float32')
     end
   end
@@ -674,7 +676,7 @@ for j = 7, #ARGV, 3 do
   end
   count = count + 1
   last = x
-  if history > 0 then
+  if entries then
     local value, slot = r[config.slot], config.slot
     if config.halflife then
       value = config.rate and value * math.log(2) / config.halflife or value / r[slot + 1]
@@ -690,9 +692,11 @@ local text = write_fields(key, s, creating, string.format('%d', count),
   packed(config, r, state, now, last))
 
 -- Only the newest `history` entries can survive the cap: skip writing the others.
-for e = math.max(1, #entries - history + 1), #entries do
-  redis.call('XADD', history_key, 'MAXLEN', s.h,
-    string.format('%d-0', count - #entries + e), 'p', entries[e])
+if entries then
+  for e = math.max(1, #entries - history + 1), #entries do
+    redis.call('XADD', history_key, 'MAXLEN', s.h,
+      string.format('%d-0', count - #entries + e), 'p', entries[e])
+  end
 end
 if s.x then
   redis.call('EXPIRE', key, s.x)
