@@ -270,9 +270,8 @@ local function read_state(s, config)
     used = extra >= 1 and r[size + 3] or (config.decay or 1)
     epoch = extra >= 2 and r[size + 4] or r[size + 1]
     mean = extra >= 3 and r[size + 5] or (config.decay and r[config.slot])
-    for i = size + 1, stored + 1 do
-      r[i] = nil  -- t l, u E m, and unpack's position after the data
-    end
+    -- (r still holds t l, u E m and unpack's position past `size`: `packed` overwrites what it
+    -- packs, and packs no more)
   else
     r = {}
     last, used, epoch = tonumber(s.l), tonumber(s.u), tonumber(s.E)
@@ -558,8 +557,9 @@ end
 -- Writes the count n and the packed state in fields of at most 64 bytes (deleting chunks left
 -- over from a longer one), the configuration too when creating, and deletes the text layout's
 -- state fields (l t u E b p V M q w m z v S Z, and <field>:<window>) of an older stream.
--- Returns the stream as the reply's text.
-local function write_fields(key, s, creating, n, blob)
+-- `hash`: the stream's fields and values in turn, as HGETALL lists them. Returns the stream as
+-- the reply's text.
+local function write_fields(key, hash, creating, n, blob)
   local text = ''
   local fields, old
   local chunks = 0  -- s1, s2, ... stored
@@ -572,9 +572,10 @@ local function write_fields(key, s, creating, n, blob)
   end
   -- Configuration fields are one letter; so are the text layout's state fields, and the rest
   -- are chunks of s (s1, ...) or a window's text state (v:<name>, ...).
-  for field, value in pairs(s) do
-    if field == 'n' or field == 's' or not value then
-      -- written here, or absent (false: see the read)
+  for i = 1, #hash, 2 do
+    local field, value = hash[i], hash[i + 1]
+    if field == 'n' or field == 's' then
+      -- written here
     elseif #field == 1 and not string.find('ltuEbpVMqwmzvSZ', field, 1, true) then
       text = text .. field .. '=' .. value .. ';'
       if creating then
@@ -588,9 +589,11 @@ local function write_fields(key, s, creating, n, blob)
       old[#old + 1] = field
     end
   end
-  for c = math.max(1, math.ceil(#blob / 64)), chunks do
-    old = old or {}
-    old[#old + 1] = 's' .. c
+  if chunks > 0 then
+    for c = math.max(1, math.ceil(#blob / 64)), chunks do
+      old = old or {}
+      old[#old + 1] = 's' .. c
+    end
   end
   if fields then
     redis.call('HSET', key, unpack(fields))
@@ -636,6 +639,14 @@ if creating then
   for field, value in string.gmatch(ARGV[2], '([^=;]+)=([^;]*)') do
     s[field] = value
   end
+  -- the hash as it will be, listed as HGETALL would (ARGV[2]'s fields win)
+  stored = {}
+  for field, value in pairs(s) do
+    if value then
+      stored[#stored + 1] = field
+      stored[#stored + 1] = value
+    end
+  end
 end
 
 local config, refused = read_config(s)
@@ -644,7 +655,7 @@ if not config then
 end
 local r, state, last = read_state(s, config)
 local count = tonumber(s.n)
-local history = tonumber(s.h) or 0
+local history = s.h and tonumber(s.h) or 0
 local auto, reject_late = s.a == '1', s.L == 'r'
 local entries = history > 0 and {}  -- per sample, with a history: its entry, packed
 
@@ -688,7 +699,7 @@ for j = 7, #ARGV, 3 do
   end
 end
 
-local text = write_fields(key, s, creating, string.format('%d', count),
+local text = write_fields(key, stored, creating, string.format('%d', count),
   packed(config, r, state, now, last))
 
 -- Only the newest `history` entries can survive the cap: skip writing the others.
