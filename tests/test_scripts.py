@@ -27,7 +27,12 @@ def run(client: "redis.Redis", *args: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "value", ["nan", "-nan", "inf", "-inf", "1e400", "0x10", " 5 ", "5 ", "", "1,5", "five"]
+    "value",
+    [
+        *["nan", "-nan", "inf", "-inf", "1e400", "0x10", " 5 ", "5 ", "", "1,5", "five"],
+        # digits, points, exponent signs in the wrong places (strtod would read a prefix)
+        *["5e", "1e+", "5.+3", "1.2.3", "5-", "+5", ".5", "-.5", "--5", "1e5.0"],
+    ],
 )
 def test_script_rejects_what_tonumber_would_accept(redis_client: "redis.Redis", value: str) -> None:
     run(redis_client, *CREATE, "1.0", "", "")
@@ -38,6 +43,12 @@ def test_script_rejects_what_tonumber_would_accept(redis_client: "redis.Redis", 
         with pytest.raises(redis.ResponseError, match="EMA_INVALID"):
             run(redis_client, *CREATE, "2.0", "", "", "3.0", "", value)
     assert snapshot(redis_client) == before
+
+
+@pytest.mark.parametrize("value", ["5.", "1e5", "1E-05", "-0.0", "-0", "1.5e+300", "5e-324", "007"])
+def test_script_reads_every_plain_decimal_exactly(redis_client: "redis.Redis", value: str) -> None:
+    fields = run(redis_client, *CREATE, value, "", "")
+    assert struct.pack("<d", float(fields["l"])) == struct.pack("<d", float(value))
 
 
 @pytest.mark.parametrize("num_updates", ["-1", "1.5", "1e16", "nan", "0x1", " 1"])

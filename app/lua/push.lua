@@ -158,11 +158,14 @@ end
 
 -- tonumber also takes 'nan', 'inf', '0x10' and ' 5 ': accept plain decimals only, and finite.
 local function decimal(s)
-  if not s or not string.find(s, '^%-?%d+%.?%d*[eE]?[-+]?%d*$') then
+  if not s or not (string.find(s, '^%-?%d+%.?%d*$') or
+      string.find(s, '^%-?%d+%.?%d*[eE][-+]?%d+$')) then
     return nil
   end
-  local x = tonumber(s)
-  if x == nil or x - x ~= 0 then
+  -- A plain decimal, so arithmetic reads it exactly as tonumber would (which reads a string
+  -- twice: whether it is a number, then the number).
+  local x = s * 1
+  if x - x ~= 0 then
     return nil
   end
   return x
@@ -660,7 +663,7 @@ local auto, reject_late = s.a == '1', s.L == 'r'
 local entries = history > 0 and {}  -- per sample, with a history: its entry, packed
 
 local time = redis.call('TIME')
-local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
+local now = time[1] + time[2] / 1e6  -- (two integers, as strings: arithmetic reads them)
 
 for j = 7, #ARGV, 3 do
   local x, steps, at = parse_sample(j, auto, reject_late, count, state, now)
