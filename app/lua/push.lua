@@ -198,7 +198,7 @@ end
 local function read_config(s)
   -- Written by the service (validated), so tonumber without decimal's pattern; x - x is NaN
   -- for an infinite or NaN x.
-  local decay, halflife = tonumber(s.d), tonumber(s.H)
+  local decay, halflife = tonumber(s.d), s.H and tonumber(s.H)
   if (decay == nil) == (halflife == nil) or (decay and not (decay >= 0 and decay <= 1))
       or (halflife and not (halflife > 0 and halflife - halflife == 0)) then
     return nil, 'the stream needs a decay in [0, 1] or a halflife > 0'
@@ -665,7 +665,8 @@ local entries = history > 0 and {}  -- per sample, with a history: its entry, pa
 local time = redis.call('TIME')
 local now = time[1] + time[2] / 1e6  -- (two integers, as strings: arithmetic reads them)
 
-for j = 7, #ARGV, 3 do
+local final = #ARGV - 2  -- the last sample's index in ARGV
+for j = 7, final, 3 do
   local x, steps, at = parse_sample(j, auto, reject_late, count, state, now)
   if x == nil then
     return steps
@@ -679,7 +680,7 @@ for j = 7, #ARGV, 3 do
     end
   end
   -- z is reported for the last sample, and for each in the history
-  local want_z = history > 0 or j + 2 == #ARGV
+  local want_z = history > 0 or j == final
   state.z = nil
   for i = 0, config.count do
     local why = apply_window(config, i == 0 and config or config.windows[i], r, state, x, x32,
