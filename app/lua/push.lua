@@ -253,9 +253,10 @@ end
 
 -- The state: r, the array of the windows' numbers at their slots (and b p q w, as s packs them),
 -- and `state`, the other numbers by name. Unpacked from s, or read from the text fields (a
--- stream before its first push, or written before s existed; absent numbers stay nil).
+-- stream before its first push, or written before s existed; absent numbers stay nil). Also
+-- the struct format s was unpacked with (nil from text fields).
 local function read_state(s, config)
-  local r, last, used, epoch, mean
+  local r, last, used, epoch, mean, format
   local size = config.size
   if s.s then
     local blob = s.s
@@ -267,7 +268,8 @@ local function read_state(s, config)
       end
     end
     local stored = #blob / 8
-    r = {struct.unpack('<' .. string.rep('d', stored), blob)}
+    format = '<' .. string.rep('d', stored)
+    r = {struct.unpack(format, blob)}
     local extra = stored - size - 2
     last = r[size + 2]
     used = extra >= 1 and r[size + 3] or (config.decay or 1)
@@ -312,7 +314,7 @@ local function read_state(s, config)
     spread_weight = config.spread and r[config.slot - 2],
     z = nil,
   }
-  return r, state, last
+  return r, state, last, format
 end
 
 -- Whether x must be stored to stand for itself rather than `default` (bit for bit: 0 and -0
@@ -321,8 +323,9 @@ local function differs(x, default)
   return x ~= default or (x == 0 and 1 / x ~= 1 / default)
 end
 
--- s packed from r and state, in the order the header gives.
-local function packed(config, r, state, now, last)
+-- s packed from r and state, in the order the header gives; `format` is the one s was read
+-- with, used again when s keeps its length (building one costs as much as a call).
+local function packed(config, r, state, now, last, format)
   local size = config.size
   if config.decay then
     r[1], r[2] = state.biased, state.product
@@ -347,7 +350,10 @@ local function packed(config, r, state, now, last)
       r[size + 4], r[size + 5] = state.epoch, mean  -- (m is packed only when k reaches it)
     end
   end
-  return struct.pack('<' .. string.rep('d', k), unpack(r, 1, k))
+  if not format or #format ~= k + 1 then
+    format = '<' .. string.rep('d', k)
+  end
+  return struct.pack(format, unpack(r, 1, k))
 end
 
 -- ARGV[j..j+2] as (value, num_updates or nil, time), or nil and the error. `auto`: a sample
@@ -656,7 +662,7 @@ local config, refused = read_config(s)
 if not config then
   return redis.error_reply('EMA_INVALID ' .. refused)
 end
-local r, state, last = read_state(s, config)
+local r, state, last, format = read_state(s, config)
 local count = tonumber(s.n)
 local history = s.h and tonumber(s.h) or 0
 local auto, reject_late = s.a == '1', s.L == 'r'
@@ -704,7 +710,7 @@ for j = 7, final, 3 do
 end
 
 local text = write_fields(key, stored, creating, string.format('%d', count),
-  packed(config, r, state, now, last))
+  packed(config, r, state, now, last, format))
 
 -- Only the newest `history` entries can survive the cap: skip writing the others.
 if entries then
