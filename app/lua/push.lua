@@ -303,7 +303,7 @@ local function read_state(s, config)
     end
   end
   -- Every field named here, nil ones too, so that the table is made at its full size (eight:
-  -- one more would double it).
+  -- one more would double it; latest_allowed, set when a sample has a timestamp, is one more).
   local state = {
     used = used,
     epoch = epoch,
