@@ -4,9 +4,11 @@ allowed) encoded once.
 
 A push is sent as EVALSHA; on NOSCRIPT (a restarted or failed-over Redis has an empty script
 cache, and the command did not run) the script is loaded and called again, as redis-py's
-`Script` does, so the cache never needs warming by hand.
+`Script` does, so the cache never needs warming by hand. The pushes that find it missing at the
+same time (after a restart, a whole burst) share one load.
 """
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -53,6 +55,7 @@ class PushScript:
         self._script = client.register_script(load_source("push"))
         self._create = ["0" if create_with is None else "1", encode_fields(create_with or {})]
         self._max_clock_skew = number(max_clock_skew)
+        self._loading: asyncio.Task[object] | None = None
 
     @property
     def sha(self) -> str:
@@ -94,9 +97,19 @@ class PushScript:
         try:
             reply = await self._commands.execute_command("EVALSHA", *command)
         except NoScriptError:
-            await self._client.script_load(self.source)
+            await self._load()
             reply = await self._commands.execute_command("EVALSHA", *command)
         return push_reply(reply)
+
+    async def _load(self) -> None:
+        """Load the script into Redis' cache: one SCRIPT LOAD for all the pushes that find it
+        missing meanwhile (a push refused with NOSCRIPT ran before any load still on its way,
+        so that load answers it too)."""
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self._client.script_load(self.source))
+            # Retrieved here too: every push waiting on it may have been cancelled.
+            self._loading.add_done_callback(lambda load: load.cancelled() or load.exception())
+        await asyncio.shield(self._loading)  # a push cancelled does not cancel the others' load
 
 
 _REPLAYED = "replayed\n"

@@ -1,6 +1,7 @@
 """push.lua on its own: its guards against what Lua's tonumber lets through, exact number
 round-trips, and recovery from an emptied script cache."""
 
+import asyncio
 import hashlib
 import random
 import struct
@@ -116,6 +117,20 @@ async def test_push_survives_an_emptied_script_cache(
     assert response.status_code == 200
     assert response.json()["count"] == 2
     assert redis_client.script_exists(sha) == [True]
+
+
+@pytest.mark.anyio
+async def test_a_burst_after_an_emptied_script_cache_loads_the_script_once(
+    client: httpx.AsyncClient, redis_client: "redis.Redis"
+) -> None:
+    assert (await client.post("/v1/streams/s/values", json={"value": 1})).status_code == 200
+    redis_client.script_flush()
+    redis_client.config_resetstat()
+    pushes = [client.post("/v1/streams/s/values", json={"value": 3}) for _ in range(50)]
+    responses = await asyncio.gather(*pushes)
+    assert sorted(response.json()["count"] for response in responses) == list(range(2, 52))
+    loads = redis_client.info("commandstats")["cmdstat_script|load"]["calls"]
+    assert loads == 1
 
 
 def test_a_stream_in_the_text_layout_is_read_and_rewritten_packed(
