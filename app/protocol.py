@@ -1,7 +1,7 @@
-"""uvicorn's HTTP/1.1 protocol (httptools) with the limits it does not have: the size of a
-request's head, and the time a client may take to send a request.
+"""uvicorn's HTTP/1.1 protocol (httptools) with the limits it does not have, the size of a
+request's head and the time a client may take to send a request, and one write per response.
 
-Without them a client can make a worker hold a 100 MB header in memory, or keep hundreds of
+Without the limits a client can make a worker hold a 100 MB header in memory, or keep hundreds of
 connections open by sending a byte a second (slowloris), or declare a body and never send it.
 `python -m app` serves with this protocol; `uvicorn --http app.protocol:BoundedHttpProtocol`
 does too.
@@ -11,6 +11,9 @@ does too.
   (or of the connection, for its first request): 408, and the connection is closed; a new
   connection that sent nothing in that time is closed without an answer. An idle keep-alive
   connection is closed after uvicorn's keep-alive timeout (5 s).
+- What a connection's responses write in one event-loop turn leaves in one send: uvicorn
+  writes a head and its body apart, and each send costs a system call and a wake-up of the
+  client (measured: 10% of a push's CPU).
 """
 
 import asyncio
@@ -46,6 +49,41 @@ def _problem(status: HTTPStatus, detail: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+class _TurnWrites:
+    """The connection's transport, with what is written in one event-loop turn sent in one
+    write: uvicorn writes a response's head and body separately, two sends where one does (a
+    small response costs a send, not a copy). Closing sends what is held first."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+
+    def flush(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
     """HttpToolsProtocol with a bound on the request head's size and on a request's time."""
 
@@ -59,6 +97,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = _TurnWrites(transport, self.loop)  # type: ignore[assignment]
         self._arm()  # a connection that sends nothing is a slow client too
 
     def connection_lost(self, exc: Exception | None) -> None:

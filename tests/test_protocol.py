@@ -1,8 +1,11 @@
 """Hostile clients over real HTTP (`python -m app`): oversized headers get a 431, and a client
 too slow to send its request (slowloris, a body that never comes, nothing at all) gets a 408,
-its connection closed; well-behaved keep-alive connections and event streams are untouched."""
+its connection closed; well-behaved keep-alive connections and event streams are untouched.
+And a response's head and body leave in one write, whole and in order."""
 
 import socket
+import struct
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +50,23 @@ def exchange(port: int, *parts: bytes, pause: float = 0.0) -> bytes:
         except ConnectionResetError:
             pass
         return received
+
+
+def read_response(sock: socket.socket, pending: bytes = b"") -> tuple[bytes, bytes]:
+    """One response with a content-length from `sock`, and what arrived after it."""
+    while b"\r\n\r\n" not in pending:
+        pending += sock.recv(65536)
+    head, _, rest = pending.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
+def data_segments_received(sock: socket.socket) -> int:
+    # Linux's struct tcp_info: tcpi_data_segs_in, the segments that carried data, at byte 152.
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return int(struct.unpack_from("<I", info, 152)[0])
 
 
 def status(response: bytes) -> int:
@@ -133,3 +153,62 @@ def test_keep_alive_and_event_streams_outlast_the_request_timeout(service: Servi
             if time.monotonic() > deadline:
                 break
     assert heartbeats >= 5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="counts segments with Linux's TCP_INFO")
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"POST /v1/streams/segments/values",  # the push fast path
+        b"GET /v1/streams/segments",  # the read fast path
+        b"GET /healthz",  # a framework route
+        b"GET /v1/streams/missing",  # a problem
+    ],
+)
+def test_a_small_response_leaves_in_one_segment(
+    service: ServiceProcess, request_line: bytes
+) -> None:
+    # uvicorn writes a head and a body apart: sent as they come, they are two TCP segments
+    # (loopback carries 64 KiB in one), so two sends, two wake-ups of the client.
+    body = b'{"value": 1}'
+    request = request_line + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    with socket.create_connection(("127.0.0.1", service.port), timeout=15) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(3):
+            before = data_segments_received(sock)
+            sock.sendall(request)
+            response, rest = read_response(sock)
+            assert rest == b""
+            assert status(response) in (200, 404)
+            assert data_segments_received(sock) - before == 1
+
+
+def test_pipelined_requests_are_answered_whole_and_in_order(service: ServiceProcess) -> None:
+    paths = [b"/v1/streams/piped-%d" % i for i in range(5)]
+    for i, path in enumerate(paths[:3]):
+        assert httpx.post(f"{service.url}{path.decode()}/values", json={"value": i}).is_success
+    with socket.create_connection(("127.0.0.1", service.port), timeout=15) as sock:
+        sock.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path for path in paths))
+        rest = b""
+        for i, path in enumerate(paths):
+            response, rest = read_response(sock, rest)
+            body = httpx.Response(200, content=response.partition(b"\r\n\r\n")[2]).json()
+            if i < 3:
+                assert status(response) == 200
+                assert (body["name"], body["value"]) == (path.decode().split("/")[-1], i)
+            else:
+                assert status(response) == 404
+                assert path.decode() in body["instance"]
+
+
+def test_a_response_before_close_arrives_whole(service: ServiceProcess) -> None:
+    response = exchange(
+        service.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert status(response) == 200
+    assert b"connection: close" in head.lower()
+    assert httpx.Response(200, content=body).json()["status"] == "ok"
