@@ -7,6 +7,10 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+NO_RETRY = Retry(NoBackoff(), 0)
 
 
 def free_port() -> int:
@@ -15,18 +19,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
-    """One redis-server process that can be stopped, killed and started again on its port."""
+class _PortTaken(Exception):
+    """Someone bound the port between free_port() and redis-server."""
 
-    def __init__(self, directory: Path, *extra: str) -> None:
+
+class RedisServer:
+    """One redis-server process that can be stopped, killed and started again on its port (and
+    a cluster node's bus port, `cluster_bus`)."""
+
+    def __init__(self, directory: Path, *extra: str, cluster_bus: bool = False) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("the tests need redis-server on PATH (apt-get install redis-server)")
         self.executable = executable
         self.directory = directory
         self.port = free_port()
+        # The bus port is normally port + 10000, which may be taken or out of range.
+        self.bus_port = free_port() if cluster_bus else None
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def url(self) -> str:
@@ -36,7 +48,27 @@ class RedisServer:
         return redis.Redis(port=self.port, decode_responses=True, encoding_errors="surrogateescape")
 
     def start(self) -> "RedisServer":
+        """Start, and wait until it answers. A port taken meanwhile by another process (a
+        client's ephemeral port, another suite's server) is swapped for a new free one on the
+        first start; a restart keeps its ports (clients and cluster peers know them)."""
+        for _ in range(5):
+            try:
+                self._start()
+                self._started = True
+                return self
+            except _PortTaken:
+                if self._started:
+                    message = f"port {self.port} was taken while redis-server was down"
+                    raise RuntimeError(message) from None
+                self.port = free_port()
+                self.bus_port = self.bus_port and free_port()
+        raise RuntimeError("redis-server found its port taken five times")
+
+    def _start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        log = self.directory / "redis.log"
+        logged = log.stat().st_size if log.exists() else 0
+        bus = ["--cluster-port", str(self.bus_port)] if self.bus_port else []
         self.process = subprocess.Popen(
             [
                 self.executable,
@@ -46,6 +78,7 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--logfile", "redis.log",
+                *bus,
                 *self.extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -53,16 +86,21 @@ class RedisServer:
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.process = None
+                with log.open("rb") as lines:
+                    lines.seek(logged)
+                    if b"Address already in use" in lines.read():
+                        raise _PortTaken
+                raise RuntimeError(f"redis-server exited; see {self.directory}/redis.log")
             try:
-                with self.client() as client:
-                    client.ping()
-                return self
-            except redis.ConnectionError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"redis-server exited; see {self.directory}/redis.log"
-                    ) from None
-                time.sleep(0.02)
+                with redis.Redis(port=self.port, socket_timeout=1, retry=NO_RETRY) as client:
+                    # (another suite's redis-server on this port would answer too)
+                    if client.info("server")["process_id"] == self.process.pid:
+                        return
+            except redis.RedisError:
+                pass
+            time.sleep(0.02)
         raise RuntimeError("redis-server did not start in 10 s")
 
     def stop(self) -> None:
@@ -110,7 +148,7 @@ class RedisCluster:
         self.extra = extra
         self.replicas = replicas
         self.nodes = [
-            RedisServer(directory / f"node-{i}", *self._node_options())
+            RedisServer(directory / f"node-{i}", *self._node_options(), cluster_bus=True)
             for i in range(primaries * (1 + replicas))
         ]
 
@@ -119,8 +157,6 @@ class RedisCluster:
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", str(self.node_timeout_ms),
-            # The bus port is normally port + 10000, which may be taken or out of range.
-            "--cluster-port", str(free_port()),
             # A replica may take over however long it was cut off from its primary.
             "--cluster-replica-validity-factor", "0",
             *self.extra,
