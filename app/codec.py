@@ -2,10 +2,11 @@
 in app/lua/push.lua, the script that writes them."""
 
 import math
-import re
 import struct
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, cast
 
 from pydantic_core import to_json
 
@@ -78,44 +79,77 @@ def decode_fields(text: str) -> dict[str, str]:
     return fields
 
 
-def unpacked(fields: Mapping[str, str | bytes]) -> dict[str, str]:
-    """The hash with its packed state `s` (see push.lua's header; stored in chunks s, s1, ...)
-    as the text fields it stands for, the spread as V `q,w` and M `m,z`. A client reads `s` as
-    text decoded with errors="surrogateescape", which gives back its bytes unchanged."""
-    text = {k: v for k, v in fields.items() if isinstance(v, str) and not _CHUNK.match(k)}
-    if "s" not in fields:
-        return text
-    chunks = [fields["s"]]
+# The configuration fields (push.lua's header): what a stream's layout depends on.
+_CONFIG_FIELDS = "dHiahkLxWA"
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the configuration fields say about reading a stream's hash, worked out once per
+    configuration (_layout): its StreamConfig fields, shared by every state read with it (read
+    only), and the names of its packed state's numbers, in push.lua's order."""
+
+    config: dict[str, Any]
+    decay: float | None
+    rate: bool
+    windows: tuple[tuple[str, float | None], ...]  # (field suffix, halflife), the main value first
+    packed: tuple[str, ...]
+
+
+@lru_cache(maxsize=1024)
+def _layout(config_values: tuple[str | None, ...]) -> _Layout:
+    fields = {k: v for k, v in zip(_CONFIG_FIELDS, config_values, strict=True) if v is not None}
+    config = _config(fields)
+    named = ((f":{w['name']}", w["halflife"]) for w in config["windows"] or ())
+    windows = (("", config["halflife"]), *named)
+    decay, rate = config["decay"], config["kind"] == "rate"
+    packed = ["b", "p"] if decay is not None else []
+    if not rate:
+        packed += ["q", "w", "z"]
+    for suffix, halflife in windows:
+        packed += ["v" + suffix] if halflife is None else ["S" + suffix, "Z" + suffix]
+    packed += ["t", "l", "u", "E", "m"]
+    return _Layout(config, decay, rate, windows, tuple(packed))
+
+
+def state_numbers(fields: Mapping[str, str | bytes]) -> dict[str, float]:
+    """The numbers of a stream's state by field name (see _numbers)."""
+    return _numbers(fields, _layout_of(fields))
+
+
+def _layout_of(fields: Mapping[str, str | bytes]) -> _Layout:
+    return _layout(tuple(cast(str | None, fields.get(field)) for field in _CONFIG_FIELDS))
+
+
+def _numbers(fields: Mapping[str, str | bytes], layout: _Layout) -> dict[str, float]:
+    """The stream's state as numbers by field name (push.lua's header): unpacked from `s` (in
+    chunks s, s1, ...; a client reads it as text decoded with errors="surrogateescape", which
+    gives back its bytes), or read from the text fields of a stream not pushed to since they
+    were its layout. A number left out is absent, or NaN for a packed z."""
+    packed = fields.get("s")
+    if packed is None:
+        return _text_numbers(fields, layout)
+    chunks = [packed]
     while (chunk := fields.get(f"s{len(chunks)}")) is not None:
         chunks.append(chunk)
     data = b"".join(
         c if isinstance(c, bytes) else c.encode("utf-8", "surrogateescape") for c in chunks
     )
-    numbers = struct.unpack(f"<{len(data) // 8}d", data)
-    config = _config(text)
-    decay = config["decay"] is not None
-    spread = config["kind"] != "rate"
-    names = ["b", "p"] if decay else []
-    if spread:
-        names += ["q", "w", "z"]
-    for suffix, halflife in [("", config["halflife"])] + [
-        (f":{w['name']}", w["halflife"]) for w in config["windows"] or ()
-    ]:
-        names += ["v" + suffix] if halflife is None else ["S" + suffix, "Z" + suffix]
-    names += ["t", "l", "u", "E", "m"]
-    values = {name: repr(x) for name, x in zip(names, numbers, strict=False)}
+    numbers = dict(zip(layout.packed, struct.unpack(f"<{len(data) // 8}d", data), strict=False))
     # left out when they equal their default (and every one after them does)
-    values.setdefault("u", text["d"] if decay else "1")
-    values.setdefault("E", values["t"])
-    if spread:
-        z = values.pop("z")
-        mean = values.pop("m", values["v"] if decay else "")
-        text["V"] = f"{values.pop('q')},{values.pop('w')}"
-        text["M"] = f"{mean},{'' if z == 'nan' else z}"
-    return text | values
+    numbers.setdefault("u", 1.0 if layout.decay is None else layout.decay)
+    numbers.setdefault("E", numbers["t"])
+    return numbers
 
 
-_CHUNK = re.compile(r"s\d*\Z")
+def _text_numbers(fields: Mapping[str, str | bytes], layout: _Layout) -> dict[str, float]:
+    text = {k: v for k, v in fields.items() if isinstance(v, str) and v}
+    if "V" in text:  # the spread as V `q,w` and M `m,z`, or as q w m z
+        text["q"], _, text["w"] = text["V"].partition(",")
+        text["z"] = text.get("M", "").partition(",")[2]
+    names = ["l", "t", "u", "E", "b", "p", "q", "w", "z"]
+    names += [f + suffix for suffix, _ in layout.windows for f in ("v", "S", "Z")]
+    return {name: float(text[name]) for name in names if text.get(name)}
 
 
 def history_entry(entry_id: str, fields: Mapping[str, str]) -> HistoryEntry:
@@ -166,68 +200,79 @@ def _config(fields: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _average(
-    fields: Mapping[str, str], suffix: str, halflife: float | None, rate: bool, now: float
+    numbers: Mapping[str, float], suffix: str, halflife: float | None, rate: bool, now: float
 ) -> float | None:
     """A window's value: its shadow, its weighted mean, or its rate decayed to `now`."""
     if halflife is None:
-        return _float(fields.get("v" + suffix))
-    total, weight = _float(fields.get("S" + suffix)), _float(fields.get("Z" + suffix))
+        return numbers.get("v" + suffix)
+    total, weight = numbers.get("S" + suffix), numbers.get("Z" + suffix)
     if total is None or weight is None or weight == 0:
         return None
     if rate:
         # As of `now`, or of the newest sample if it is ahead of the clock (within the skew
         # allowed): a rate never grows by itself, and 2 ** positive could overflow.
-        newest = float(fields["E"])
+        newest = numbers["E"]
         return total * math.log(2) / halflife * 2 ** (min(newest - now, 0.0) / halflife)
     return total / weight
 
 
-def state_data(name: str, fields: Mapping[str, str], now: float | None = None) -> dict[str, Any]:
+def state_data(
+    name: str, fields: Mapping[str, str | bytes], now: float | None = None
+) -> dict[str, Any]:
     """The state of a stream from its hash, as StreamState's fields in their order, in plain
     dicts and lists. `now` (Redis server time) is when a rate stream's rate is reported for; by
     default, its last update's time.
 
     Plain data because the hot paths (a push's reply, a GET, an event) serialise it straight to
-    JSON (state_json): building the pydantic models costs more than the rest of a push."""
-    fields = unpacked(fields)
-    config = _config(fields)
+    JSON (state_json): building the pydantic models costs more than the rest of a push. Its
+    `config` is shared by every state of that configuration: read it, never change it."""
+    layout = _layout_of(fields)
+    numbers = _numbers(fields, layout)
     count = int(fields["n"])
-    rate = config["kind"] == "rate"
-    at = now if now is not None else _float(fields.get("t")) or 0.0
-    value = _average(fields, "", config["halflife"], rate, at)
-    if config["decay"] is not None:
-        correction = 1.0 - float(fields["p"])
-        debiased = float(fields["b"]) / correction if count and correction else None
+    rate = layout.rate
+    updated_at = numbers.get("t")
+    at = now if now is not None else updated_at or 0.0
+    main_halflife = layout.windows[0][1]
+    value = _average(numbers, "", main_halflife, rate, at)
+    if layout.decay is not None:
+        correction = 1.0 - numbers["p"]
+        debiased = numbers["b"] / correction if count and correction else None
     else:
         debiased = None if rate else value
-    spread = f"{fields.get('V', ',')},{fields.get('M', ',')}".split(",")
-    variance = None if rate else _variance(spread, fields, config["decay"] is not None)
+    variance = None
+    q, w = numbers.get("q"), numbers.get("w")
+    if not rate and q is not None and w is not None and w > 0:
+        # as push.lua computes it (the same float64 operations)
+        variance = q / w if layout.decay is not None else q * numbers["Z"] / w
+    z = numbers.get("z")
     windows = None
-    if config["windows"]:
+    if len(layout.windows) > 1:
         windows = {
-            w["name"]: {
-                "value": _average(fields, f":{w['name']}", w["halflife"], rate, at),
-                "decay": w["decay"],
-                "halflife": w["halflife"],
+            window["name"]: {
+                "value": _average(numbers, suffix, halflife, rate, at),
+                "decay": window["decay"],
+                "halflife": halflife,
             }
-            for w in config["windows"]
+            for (suffix, halflife), window in zip(
+                layout.windows[1:], layout.config["windows"], strict=True
+            )
         }
     return {
         "name": name,
         "value": value,
         "debiased": debiased,
         "count": count,
-        "last": _float(fields.get("l")),
-        "decay_used": _float(fields.get("u")),
-        "updated_at": _float(fields.get("t")),
+        "last": numbers.get("l"),
+        "decay_used": numbers.get("u"),
+        "updated_at": updated_at,
         "variance": variance,
         # A variance rounded below zero (a late sample's Welford step) has no deviation: as
         # push.lua, whose square root of it is NaN, written null.
         "std": None if variance is None or variance < 0 else math.sqrt(variance),
-        "z": float(spread[3]) if spread[3] else None,
-        "timestamp": _float(fields.get("E")),
+        "z": None if z is None or math.isnan(z) else z,
+        "timestamp": numbers.get("E"),
         "windows": windows,
-        "config": config,
+        "config": layout.config,
     }
 
 
@@ -253,17 +298,6 @@ def state_json(name: str, fields: Mapping[str, str], now: float | None = None) -
     """`state_from_fields(name, fields, now).model_dump_json()`, byte for byte, without building
     the models: pydantic-core's own serializer, on plain data."""
     return to_json(state_data(name, fields, now), inf_nan_mode="null")
-
-
-def _variance(spread: list[str], fields: Mapping[str, str], decay: bool) -> float | None:
-    """The bias-corrected variance from the spread fields (q, w, m, z), as push.lua computes it
-    (the same float64 operations)."""
-    if not spread[0] or not spread[1] or float(spread[1]) <= 0:
-        return None
-    q, w = float(spread[0]), float(spread[1])
-    if decay:
-        return q / w
-    return q * float(fields["Z"]) / w
 
 
 def _float(text: str | None) -> float | None:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import redis
 
-from app.codec import unpacked
+from app.codec import state_numbers
 from app.scripts import load_source, push_reply
 from tests.reference import ReferenceEma
 from tests.utils import snapshot
@@ -21,10 +21,12 @@ HISTORY = "test:{s}:history"
 CREATE = ["1", "d=0.5;n=0;b=0;p=1;a=0;h=0", "", "0", "", "3600"]
 
 
-def run(client: "redis.Redis", *args: str) -> dict[str, str]:
+def run(client: "redis.Redis", *args: str) -> dict[str, str | float]:
+    """The stream's fields after a push: its configuration and count, and its state's numbers
+    by field name."""
     fields, replayed = push_reply(client.eval(load_source("push"), 2, KEY, HISTORY, *args))
     assert not replayed
-    return unpacked(fields)
+    return {**fields, **state_numbers(fields)}
 
 
 @pytest.mark.parametrize(
