@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import logging.config
+import os
 import random
 import re
 import sys
@@ -23,7 +24,11 @@ access_log = logging.getLogger("app.access")
 
 _REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
 # LogRecord attributes that are not extra fields given by the caller.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "fields",  # an access record's (_AccessRecord)
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,7 +50,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
+        if isinstance(record, _AccessRecord):
+            entry.update(record.fields)
+        else:
+            entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return self._encoder.encode(entry)
@@ -133,16 +141,37 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
     }
 
 
-def log_request(scope: Scope, status: int, request_id: bytes, seconds: float) -> None:
-    """The access log's line for a finished request (app.asgi.Bookkeeping calls it).
+class _AccessRecord(logging.LogRecord):
+    """An access line's record, made without what LogRecord looks up for every record (the
+    caller's file and module, the thread's and process' names: they never change here, and
+    this is every request), and with its fields in `fields` as well as in its attributes (so
+    that JsonFormatter need not look for them)."""
 
-    The record is made here rather than by `access_log.info`, which would also walk the stack
-    for the caller's file and line: no formatter here shows them, and it is every request."""
+    def __init__(self, args: tuple[str, str, int], fields: dict[str, Any]) -> None:
+        # LogRecord.__init__ skipped on purpose: its attributes come from _ACCESS_TEMPLATE.
+        self.__dict__.update(_ACCESS_TEMPLATE)
+        self.created = created = time.time()
+        self.msecs = int(created * 1000) % 1000
+        self.relativeCreated = (created - _STARTED) * 1000
+        self.args = args
+        self.process = os.getpid()  # a worker forked after import is another process
+        self.__dict__.update(fields)
+        self.fields = fields
+
+
+_STARTED: Final = time.time()
+_ACCESS_TEMPLATE: Final = vars(
+    logging.LogRecord(access_log.name, logging.INFO, __file__, 0, "%s %s %d", (), None)
+)
+
+
+def log_request(scope: Scope, status: int, request_id: bytes, seconds: float) -> None:
+    """The access log's line for a finished request (app.asgi.Bookkeeping calls it)."""
     if not access_log.isEnabledFor(logging.INFO):
         return
     key = scope.get("state", {}).get("api_key")
     method, path = scope["method"], scope["path"]
-    extra = {
+    fields = {
         "request_id": request_id.decode(),
         "method": method,
         "path": path,
@@ -151,11 +180,7 @@ def log_request(scope: Scope, status: int, request_id: bytes, seconds: float) ->
         "client": (scope.get("client") or ("", 0))[0],
         "api_key": key.name if key is not None else None,
     }
-    args = (method, path, status)
-    record = access_log.makeRecord(
-        access_log.name, logging.INFO, __file__, 0, "%s %s %d", args, None, extra=extra
-    )
-    access_log.handle(record)
+    access_log.handle(_AccessRecord((method, path, status), fields))
 
 
 def request_id(scope: Scope) -> bytes:
