@@ -20,7 +20,6 @@ import os
 import random
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -28,7 +27,7 @@ import redis
 from app.codec import config_fields, encode_fields, number
 from app.models import StreamConfig
 from app.scripts import load_source
-from bench.servers import HOST, Group, RedisServer, free_port, stop_all
+from bench.servers import CallgrindRedis, RedisServer, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,42 +63,6 @@ def measure(
     stats = client.info("commandstats")["cmdstat_evalsha"]
     assert stats["calls"] == calls, stats
     return float(stats["usec_per_call"])
-
-
-class CallgrindRedis(Group):
-    """redis-server under callgrind; `instructions` runs calls and counts what Redis executed."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        super().__init__(
-            "callgrind redis-server",
-            [
-                "valgrind", "--tool=callgrind",
-                f"--callgrind-out-file={directory}/callgrind.out",
-                "redis-server", "--port", str(self.port), "--bind", HOST,
-                "--dir", str(directory), "--save", "", "--appendonly", "no",
-            ],
-            directory / "callgrind.log",
-        )  # fmt: skip
-        self.dumps = 0
-
-    def client(self) -> "redis.Redis":
-        return redis.Redis(host=HOST, port=self.port, decode_responses=True)
-
-    def wait_ready(self) -> None:
-        RedisServer.wait_ready(self, timeout=60.0)  # type: ignore[arg-type]
-
-    def instructions(self, run: "Callable[[], object]") -> int:
-        subprocess.run(["callgrind_control", "-z", str(self.pgid)], check=True, capture_output=True)
-        run()
-        subprocess.run(["callgrind_control", "-d", str(self.pgid)], check=True, capture_output=True)
-        self.dumps += 1
-        dump = self.directory / f"callgrind.out.{self.dumps}"
-        for line in dump.read_text().splitlines():
-            if line.startswith("totals:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"no totals in {dump}")
 
 
 def count(

@@ -20,6 +20,8 @@ INSTALL_HINTS = {
     "macOS: `brew install redis`",
     "redis-server": "Debian/Ubuntu: `sudo apt-get install -y redis-server`; "
     "macOS: `brew install redis`",
+    "valgrind": "Debian/Ubuntu: `sudo apt-get install -y valgrind`",
+    "callgrind_control": "Debian/Ubuntu: `sudo apt-get install -y valgrind` (it ships it)",
 }
 
 

@@ -4,6 +4,7 @@ run against one private redis-server; then bytes per stream at many fixed-decay 
 
     .venv/bin/python -m bench.script_cost              # about 2 minutes, with the memory figure
     .venv/bin/python -m bench.script_cost --streams 0  # CPU only, about a minute
+    .venv/bin/python -m bench.script_cost --callgrind  # instructions instead, about a minute
 
 Every figure is EVALSHA's `usec_per_call` (Redis' own clock, the script and the commands it calls)
 over `--calls` calls sent in pipelines, after `CONFIG RESETSTAT`. Workloads alternate in
@@ -14,6 +15,11 @@ the script or its arguments change, the bench follows. Memory: `used_memory` bef
 creating `--streams` fixed-decay streams (decay 0.99, events on) with one push of three values
 each (full-precision numbers and a z-score, as a stream has after a while), divided by their
 count.
+
+With --callgrind, redis-server runs under valgrind's callgrind and each figure is the number of
+instructions `evalShaCommand` executes per call (the script and the commands it calls, what
+`usec_per_call` times): a figure that other processes on the machine do not move, so one round
+is enough and there is no memory figure.
 """
 
 import argparse
@@ -29,7 +35,7 @@ from pathlib import Path
 import redis
 from harness import load_line, markdown_table, progress
 from harness import main as run_bench
-from servers import BenchError, RedisServer, resp
+from servers import BenchError, CallgrindRedis, RedisServer, resp
 
 from app.codec import config_fields
 from app.keys import KeyLayout
@@ -59,10 +65,10 @@ class Workload:
     config: StreamConfig | None  # None: the minimal script
     batch: int = 1
     events: bool = True
-    usec: list[float] | None = None
+    costs: list[float] | None = None  # per call, one per round: µs, or instructions
 
     def per_value(self) -> list[float]:
-        return [u / self.batch for u in self.usec or []]
+        return [c / self.batch for c in self.costs or []]
 
 
 WORKLOADS = [
@@ -86,13 +92,25 @@ WORKLOADS = [
 ]
 
 
-def usec_per_call(client: "redis.Redis") -> float:
-    stats = client.info("commandstats")
-    return float(stats["cmdstat_evalsha"]["usec_per_call"])
+# What one figure is: the cost per call of running `calls` calls (`run`).
+Cost = Callable[[Callable[[], None], int], float]
+
+
+def usec_per_call(client: "redis.Redis") -> Cost:
+    def cost(run: Callable[[], None], calls: int) -> float:
+        client.config_resetstat()
+        run()
+        return float(client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
+
+    return cost
+
+
+def instructions_per_call(server: CallgrindRedis) -> Cost:
+    return lambda run, calls: server.instructions(run) / calls
 
 
 def measure(
-    client: "redis.Redis", scripts: PushScript, minimal: str, w: Workload, calls: int
+    client: "redis.Redis", scripts: PushScript, minimal: str, w: Workload, calls: int, cost: Cost
 ) -> float:
     rng = random.Random(len(w.label))
     client.flushall()
@@ -101,12 +119,10 @@ def measure(
         for name in names:  # as PUT configures a stream
             client.hset(LAYOUT.stream(name), mapping=dict(config_fields(w.config)))
     calls = max(3, calls // w.batch)
-    # Warm up (the first push to each stream writes its state fields), then measure.
-    for counting in (False, True):
-        if counting:
-            client.config_resetstat()
+
+    def send(count: int) -> None:
         with client.pipeline(transaction=False) as pipe:
-            for i in range(calls if counting else STREAMS):
+            for i in range(count):
                 name = names[i % STREAMS]
                 samples: list[Triple] = [(rng.uniform(0, 100), None, None) for _ in range(w.batch)]
                 if w.config is None:
@@ -122,7 +138,9 @@ def measure(
                 if len(pipe) >= PIPELINE:
                     pipe.execute()
             pipe.execute()
-    return usec_per_call(client)
+
+    send(STREAMS)  # warm up: the first push to each stream writes its state fields
+    return cost(lambda: send(calls), calls)
 
 
 def bytes_per_stream(client: "redis.Redis", scripts: PushScript, count: int, workdir: Path) -> str:
@@ -169,13 +187,19 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=3000, help="values per figure and round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--streams", type=int, default=1_000_000, help="0: no memory figure")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
     args = parser.parse_args()
+    if args.callgrind:
+        args.rounds, args.streams = 1, 0
 
     def measure_all(workdir: Path, stack: contextlib.ExitStack) -> Callable[[], str]:
-        server = RedisServer(workdir)
+        server = CallgrindRedis(workdir, only="evalShaCommand") if args.callgrind else None
+        server = server or RedisServer(workdir)
         stack.callback(server.stop)
         server.wait_ready()
         client = stack.enter_context(server.client())
+        cost = instructions_per_call(server) if isinstance(server, CallgrindRedis) else None
+        cost = cost or usec_per_call(client)
         # The service's own calls (call() needs no async client).
         scripts = PushScript(client, create_with=DEFAULTS, max_clock_skew=3600.0)  # type: ignore[arg-type]
         client.script_load(scripts.source)
@@ -183,30 +207,35 @@ def main() -> int:
         for round_ in range(args.rounds):
             progress(f"round {round_ + 1} of {args.rounds}")
             for w in WORKLOADS:
-                usec = measure(client, scripts, minimal, w, args.calls)
-                w.usec = [*(w.usec or []), usec]
+                w.costs = [*(w.costs or []), measure(client, scripts, minimal, w, args.calls, cost)]
         memory = bytes_per_stream(client, scripts, args.streams, workdir) if args.streams else ""
         return lambda: report(args, memory)
 
-    return run_bench("cost", measure_all, tools=("redis-server",))
+    callgrind = ("valgrind", "callgrind_control") if args.callgrind else ()
+    return run_bench("cost", measure_all, tools=("redis-server", *callgrind))
 
 
 def report(args: argparse.Namespace, memory: str) -> str:
     floor = WORKLOADS[0].per_value()
+    unit, digits = ("instructions", ",.0f") if args.callgrind else ("Redis µs", ".2f")
     rows = []
     for w in WORKLOADS:
         ratios = [v / f for v, f in zip(w.per_value(), floor, strict=True)]
         rows.append(
             [
                 w.label,
-                f"{statistics.median(w.usec or []):.1f}",
-                f"{statistics.median(w.per_value()):.2f}",
+                f"{statistics.median(w.costs or []):{',.0f' if args.callgrind else '.1f'}}",
+                f"{statistics.median(w.per_value()):{digits}}",
                 f"{statistics.median(ratios):.2f}",
             ]
         )
-    columns = ["push", "Redis µs per call", "µs per value", "x the minimal script (per value)"]
+    columns = [
+        "push", f"{unit} per call", f"{unit.removeprefix('Redis ')} per value",
+        "x the minimal script (per value)",
+    ]  # fmt: skip
     parts = [
-        f"{load_line()}; {args.rounds} rounds of {args.calls:,} values per figure",
+        f"{load_line()}; {args.rounds} round{'s' * (args.rounds > 1)} of {args.calls:,} values "
+        "per figure",
         markdown_table(columns, rows, "lrrr"),
     ]
     return "\n\n".join([*parts, memory] if memory else parts)

@@ -10,7 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import redis
@@ -100,13 +100,15 @@ def resp(argv: list[str]) -> bytes:
 
 
 class RedisServer(Group):
-    """redis-server with persistence off, for the benchmark alone."""
+    """redis-server with persistence off, for the benchmark alone; `wrapper`: the command that
+    runs it (valgrind, say)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, wrapper: Sequence[str] = ()) -> None:
         self.port = free_port()
         super().__init__(
             "redis-server",
             [
+                *wrapper,
                 "redis-server",
                 "--port", str(self.port),
                 "--bind", HOST,
@@ -139,6 +141,36 @@ class RedisServer(Group):
             except redis.ConnectionError:
                 time.sleep(0.05)
         raise BenchError(f"redis-server did not answer on port {self.port} in {timeout}s")
+
+
+class CallgrindRedis(RedisServer):
+    """redis-server under valgrind's callgrind: `instructions` runs calls and counts what Redis
+    executed meanwhile, a figure no other process on the machine changes. `only`: count just
+    what this function executes, callees included (`evalShaCommand`: the script and the
+    commands it calls, as `INFO commandstats` times them); None: everything."""
+
+    def __init__(self, directory: Path, only: str | None = None) -> None:
+        self.directory = directory
+        self.dumps = 0
+        toggle = [f"--toggle-collect={only}"] if only else []
+        super().__init__(
+            directory,
+            ["valgrind", "--tool=callgrind", *toggle, f"--callgrind-out-file={directory}/cg.out"],
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        super().wait_ready(timeout)
+
+    def instructions(self, run: Callable[[], object]) -> int:
+        subprocess.run(["callgrind_control", "-z", str(self.pgid)], check=True, capture_output=True)
+        run()
+        subprocess.run(["callgrind_control", "-d", str(self.pgid)], check=True, capture_output=True)
+        self.dumps += 1
+        dump = self.directory / f"cg.out.{self.dumps}"
+        for line in dump.read_text().splitlines():
+            if line.startswith("totals:"):
+                return int(line.split()[1])
+        raise BenchError(f"no totals in {dump}")
 
 
 class HttpServer(Group):
