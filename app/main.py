@@ -84,8 +84,13 @@ class HiredisPackedConnection(LiveConnection):
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         if isinstance(args[0], str) and " " in args[0]:  # redis-py's "SCRIPT LOAD" style
             args = (*args[0].split(), *args[1:])
-        packed = tuple(bytes(a) if isinstance(a, bytearray) else a for a in args)
-        return [hiredis.pack_command(cast(Any, packed))]  # its stub types a 1-tuple
+        try:
+            return [hiredis.pack_command(cast(Any, args))]  # its stub types a 1-tuple
+        except TypeError:
+            # A bytearray or memoryview, which hiredis refuses: converted only then, since a
+            # pass over every argument would double the cost of a 1,000-value push's packing.
+            packed = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+            return [hiredis.pack_command(cast(Any, packed))]
 
 
 def redis_client(url: str, settings: Settings) -> "Redis | RedisCluster":

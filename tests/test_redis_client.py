@@ -13,6 +13,8 @@ from app.main import HiredisPackedConnection
         ("SCRIPT LOAD", "return 1"),
         ("HSET", b"k", bytearray(b"f"), "v", 7),
         ("SET", "k", memoryview(b"bytes")),
+        ("HSET", "k", "f", 0.1, "g", 1e300, "h", -0.0),
+        ("EVALSHA", "a" * 40, 2, "k", "h", *["1.25", "", ""] * 1000),
     ],
 )
 def test_hiredis_packing_matches_redis_py(args: tuple[object, ...]) -> None:
