@@ -281,21 +281,14 @@ class EventHub:
             self.release(subscription)
 
     async def _run(self) -> None:
-        subscribed: set[str] = set()
         while not self._closing:
             pubsub = self._client.pubsub()
-            subscribed.clear()
             self._confirmed.clear()
             try:
-                while not self._closing:
-                    await self._sync(pubsub, subscribed)
-                    if not subscribed:
-                        await self._changed.wait()
-                        continue
-                    message = await pubsub.get_message(timeout=0.05)
-                    if message is not None:
-                        self._dispatch(message)
+                await self._serve(pubsub)
             except Exception as error:  # the hub must outlive any failure: retry after a pause
+                if isinstance(error, ExceptionGroup):  # the reader's, from its task group
+                    error = error.exceptions[0]
                 log.warning("event hub lost Redis (%r); reconnecting", error)
                 for topic in self._topics.values():
                     topic.flush()  # what arrived before the loss, then the news of it
@@ -306,10 +299,21 @@ class EventHub:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    async def _serve(self, pubsub: PubSub) -> None:
+        """Keep one connection subscribed to the topics wanted, and hear them on it: this task
+        alone sends on the connection (the subscribers just record what they want), its reader
+        alone reads. The connection is made once a topic is wanted."""
+        subscribed: set[str] = set()
+        self._changed.set()
+        while not subscribed:
+            await self._sync(pubsub, subscribed)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._listen(pubsub), name="event-hub-reader")
+            while True:
+                await self._sync(pubsub, subscribed)
+
     async def _sync(self, pubsub: PubSub, subscribed: set[str]) -> None:
-        # Only this task touches the connection: subscribers just record what they want.
-        if not self._changed.is_set() and subscribed:
-            return
+        await self._changed.wait()
         self._changed.clear()
         wanted = set(self._topics)
         for topic in wanted - subscribed:
@@ -326,18 +330,35 @@ class EventHub:
         subscribed.clear()
         subscribed.update(wanted)
 
-    def _dispatch(self, message: dict[str, object]) -> None:
-        kind = message["type"]
-        if kind in ("subscribe", "psubscribe"):
-            self._confirmed.add(str(message["channel"]))
-            confirmed = self._topics.get(str(message["channel"]))
-            for subscription in confirmed.subscriptions if confirmed else ():
-                subscription.ready.set()
-            return
-        if kind not in ("message", "pmessage"):
-            return
-        channel, data = str(message["channel"]), str(message["data"])
-        topic = self._topics.get(str(message["pattern"]) if kind == "pmessage" else channel)
+    async def _listen(self, pubsub: PubSub) -> None:
+        """Read the connection: the announcements straight from it, with no deadline (a
+        read under a deadline, and the client's bookkeeping of each message, cost twice the
+        read itself); the client's own handling for the rest (subscription replies)."""
+        connection = pubsub.connection
+        assert connection is not None  # connected by the first subscription
+        while True:
+            # push_request: the client returns Pub/Sub replies rather than consume them itself.
+            reply = await connection.read_response(
+                timeout=math.inf, disconnect_on_error=False, push_request=True
+            )
+            kind = reply[0]
+            if kind == "message":
+                self._dispatch(reply[1], reply[1], reply[2])
+            elif kind == "pmessage":
+                self._dispatch(reply[1], reply[2], reply[3])
+            else:
+                message = await pubsub.handle_message(reply)
+                if message is not None and message["type"] in ("subscribe", "psubscribe"):
+                    self._confirm(str(message["channel"]))
+
+    def _confirm(self, topic_name: str) -> None:
+        self._confirmed.add(topic_name)
+        topic = self._topics.get(topic_name)
+        for subscription in topic.subscriptions if topic else ():
+            subscription.ready.set()
+
+    def _dispatch(self, topic_name: str, channel: str, data: str) -> None:
+        topic = self._topics.get(topic_name)
         if topic is None:
             return
         # The same announcement comes once per matching subscription (a stream's own and a
