@@ -92,22 +92,32 @@ class Lagged:
     missed: int | None
 
 
-def _size(item: Batch | Lagged | None) -> int:
+class _Beat:
+    """Put in a waiting subscriber's queue when its heartbeat is due."""
+
+
+_BEAT = _Beat()
+Item = Batch | Lagged | _Beat | None
+
+
+def _size(item: Item) -> int:
     """The updates an item of a subscriber's queue stands for (a Lagged counts as one)."""
-    return len(item.updates) if isinstance(item, Batch) else 1
+    if isinstance(item, Batch):
+        return len(item.updates)
+    return 0 if item is _BEAT else 1
 
 
-class UpdateQueue(asyncio.Queue[Batch | Lagged | None]):
+class UpdateQueue(asyncio.Queue[Item]):
     """A subscriber's queue, which counts the updates it holds."""
 
     held = 0
 
-    def _put(self, item: Batch | Lagged | None) -> None:
+    def _put(self, item: Item) -> None:
         super()._put(item)
         self.held += _size(item)
 
-    def _get(self) -> Batch | Lagged | None:
-        item: Batch | Lagged | None = super()._get()
+    def _get(self) -> Item:
+        item: Item = super()._get()
         self.held -= _size(item)
         return item
 
@@ -121,6 +131,9 @@ class Subscription:
     queue_size: int
     updates: UpdateQueue = field(default_factory=UpdateQueue)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # The heartbeat: one timer per heartbeat interval, not one per wait (a wait per write).
+    _alarm: asyncio.TimerHandle | None = field(default=None, repr=False)
+    _waiting_since: float | None = field(default=None, repr=False)
 
     def offer(self, item: Batch | Lagged) -> None:
         """Queue a batch; when the queue would hold more than `queue_size` updates, what it
@@ -130,11 +143,11 @@ class Subscription:
             missed: int | None = 0
             while not self.updates.empty():
                 dropped = self.updates.get_nowait()
-                if missed is None or dropped is None:
+                if missed is None or dropped is None or dropped is _BEAT:
                     continue
                 if isinstance(dropped, Lagged):
                     missed = None if dropped.missed is None else missed + dropped.missed
-                else:
+                elif isinstance(dropped, Batch):
                     missed += len(dropped.updates)
             self.updates.put_nowait(Lagged(missed))
         self.updates.put_nowait(item)
@@ -144,14 +157,32 @@ class Subscription:
         come (empty: nothing came). None ends the subscription."""
         items: list[Batch | Lagged | None] = []
         if self.updates.empty():
-            try:
-                async with asyncio.timeout(within):  # no task per wait, as wait_for makes
-                    items.append(await self.updates.get())
-            except TimeoutError:
+            loop = asyncio.get_running_loop()
+            self._waiting_since = now = loop.time()
+            if self._alarm is None:
+                self._alarm = loop.call_at(now + within, self._ring, loop, within)
+            first = await self.updates.get()
+            self._waiting_since = None
+            if isinstance(first, _Beat):
                 return items
+            items.append(first)
         while not self.updates.empty():
-            items.append(self.updates.get_nowait())
+            item = self.updates.get_nowait()
+            if not isinstance(item, _Beat):
+                items.append(item)
         return items
+
+    def _ring(self, loop: asyncio.AbstractEventLoop, within: float) -> None:
+        """A heartbeat to a reader waiting for `within` seconds; else the alarm is set again
+        for when that would be, or left for the next wait to set."""
+        self._alarm = None
+        if self._waiting_since is None:
+            return
+        due = self._waiting_since + within
+        if loop.time() >= due:
+            self.updates.put_nowait(_BEAT)
+        else:
+            self._alarm = loop.call_at(due, self._ring, loop, within)
 
     def close(self) -> None:
         """End the subscription: its reader gets None after what is queued."""

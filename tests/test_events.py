@@ -176,6 +176,19 @@ def test_the_queue_bound_counts_the_updates_of_each_batch() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_waiting_subscriber_gets_its_heartbeat_and_then_what_comes() -> None:
+    subscription = Subscription("topic", is_pattern=False, queue_size=3)
+    assert await subscription.take(0.05) == []  # nothing came within 0.05 s: a heartbeat
+    assert await subscription.take(0.05) == []  # and again
+    first, second = batch(1), batch(2, 3)
+    subscription.offer(first)
+    assert await subscription.take(0.05) == [first]
+    asyncio.get_running_loop().call_later(0.01, subscription.offer, second)
+    assert await subscription.take(5) == [second]
+    assert subscription.updates.held == 0
+
+
+@pytest.mark.anyio
 async def test_the_subscribers_of_a_stream_share_its_batches(
     redis_server: RedisServer, redis_client: "redis.Redis"
 ) -> None:
