@@ -663,7 +663,7 @@ if not config then
   return redis.error_reply('EMA_INVALID ' .. refused)
 end
 local r, state, last, format = read_state(s, config)
-local count = tonumber(s.n)
+local count = s.n * 1  -- (arithmetic reads the integer once, tonumber twice)
 local history = s.h and tonumber(s.h) or 0
 local auto, reject_late = s.a == '1', s.L == 'r'
 local entries = history > 0 and {}  -- per sample, with a history: its entry, packed
@@ -709,14 +709,15 @@ for j = 7, final, 3 do
   end
 end
 
-local text = write_fields(key, stored, creating, string.format('%d', count),
-  packed(config, r, state, now, last, format))
+local n = string.format('%d', count)
+local text = write_fields(key, stored, creating, n, packed(config, r, state, now, last, format))
 
--- Only the newest `history` entries can survive the cap: skip writing the others.
+-- Only the newest `history` entries can survive the cap: skip writing the others. The last
+-- entry's id is n's (formatting a number costs as much as a call).
 if entries then
   for e = math.max(1, #entries - history + 1), #entries do
-    redis.call('XADD', history_key, 'MAXLEN', s.h,
-      string.format('%d-0', count - #entries + e), 'p', entries[e])
+    local id = e == #entries and n .. '-0' or string.format('%d-0', count - #entries + e)
+    redis.call('XADD', history_key, 'MAXLEN', s.h, id, 'p', entries[e])
   end
 end
 if s.x then
