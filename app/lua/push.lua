@@ -156,7 +156,8 @@ local function tensorflow()
     decay = tensorflow_decay}
 end
 
--- tonumber also takes 'nan', 'inf', '0x10' and ' 5 ': accept plain decimals only, and finite.
+-- tonumber also takes 'nan', 'inf', '0x10' and ' 5 ': accept plain decimals only (digits, a
+-- point, an exponent: just what strtod reads to the end), and finite.
 local function decimal(s)
   if not s or not (string.find(s, '^%-?%d+%.?%d*$') or
       string.find(s, '^%-?%d+%.?%d*[eE][-+]?%d+$')) then
