@@ -55,7 +55,8 @@ class PushScript:
         self._script = client.register_script(load_source("push"))
         self._create = ["0" if create_with is None else "1", encode_fields(create_with or {})]
         self._max_clock_skew = number(max_clock_skew)
-        self._loading: asyncio.Task[object] | None = None
+        self._loading: asyncio.Future[None] | None = None
+        self._loads = 0  # the loads finished so far
 
     @property
     def sha(self) -> str:
@@ -94,10 +95,14 @@ class PushScript:
         reply of an earlier push with the same idempotency key."""
         # EVALSHA itself, as redis-py's Script would send it, without its per-call overhead.
         command: tuple[str | int, ...] = (self._script.sha, len(keys), *keys, *args)
+        loads = self._loads
         try:
             reply = await self._commands.execute_command("EVALSHA", *command)
         except NoScriptError:
-            await self._load()
+            # Refused before any load that has finished since it was sent (else it would have
+            # run): such a load answers it too, as one still on its way does.
+            if self._loads == loads:
+                await self._load()
             reply = await self._commands.execute_command("EVALSHA", *command)
         return push_reply(reply)
 
@@ -106,10 +111,14 @@ class PushScript:
         missing meanwhile (a push refused with NOSCRIPT ran before any load still on its way,
         so that load answers it too)."""
         if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(self._client.script_load(self.source))
+            self._loading = asyncio.ensure_future(self._load_once())
             # Retrieved here too: every push waiting on it may have been cancelled.
             self._loading.add_done_callback(lambda load: load.cancelled() or load.exception())
         await asyncio.shield(self._loading)  # a push cancelled does not cancel the others' load
+
+    async def _load_once(self) -> None:
+        await self._client.script_load(self.source)
+        self._loads += 1
 
 
 _REPLAYED = "replayed\n"
