@@ -439,14 +439,19 @@ class StreamStore:
         return states, now
 
     async def history(self, name: str, since: int, limit: int) -> HistoryPage:
-        """The oldest `limit` history entries with an id (count) above `since`."""
+        """The oldest `limit` history entries with an id (count) above `since`, of the newest
+        `history` (the Redis Stream, trimmed by whole nodes, may hold older ones: push.lua)."""
         with self._errors():
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.exists(self._layout.stream(name))
-                pipe.xrange(self._layout.history(name), min=f"({since}-0", count=limit)
-                exists, entries = await pipe.execute()
-        if not exists:
-            raise StreamNotFound(name)
+            count, cap = await self._client.hmget(self._layout.stream(name), ["n", "h"])
+            if count is None:
+                raise StreamNotFound(name)
+            oldest = max(since, int(count) - int(cap or 0))
+            entries = cast(
+                list[tuple[str, dict[str, str]]],
+                await self._client.xrange(
+                    self._layout.history(name), min=f"({oldest}-0", count=limit
+                ),
+            )
         page = [history_entry(entry_id, fields) for entry_id, fields in entries]
         more = len(page) == limit
         return HistoryPage(entries=page, next_since=page[-1].id if more else None)

@@ -71,6 +71,8 @@
 -- History entries have the id `<count>-0` and one field p: '<ddddd', the sample's time, its raw
 -- value, the main value, the standard deviation after the value and its z-score (NaN when not
 -- defined). Entries written before hold decimal text fields t, l, v, and s and z when defined.
+-- The history is the entries with an id above n - h: the Redis Stream, trimmed by whole nodes,
+-- may hold up to a node (stream-node-max-entries, 100 by default) of older ones.
 --
 -- Why the shape: Redis runs this whole chunk on every call, and what costs it most is what the
 -- script allocates (each table, closure and string, then collecting them) and each redis.call,
@@ -714,11 +716,13 @@ local n = string.format('%d', count)
 local text = write_fields(key, stored, creating, n, packed(config, r, state, now, last, format))
 
 -- Only the newest `history` entries can survive the cap: skip writing the others. The last
--- entry's id is n's (formatting a number costs as much as a call).
+-- entry's id is n's (formatting a number costs as much as a call). Trimmed by whole nodes
+-- (`~`): trimming exactly walks the deleted entries of the first node on every XADD, a third
+-- of a push at the cap; readers skip what is older than the newest `history` (store.history).
 if entries then
   for e = math.max(1, #entries - history + 1), #entries do
     local id = e == #entries and n .. '-0' or string.format('%d-0', count - #entries + e)
-    redis.call('XADD', history_key, 'MAXLEN', s.h, id, 'p', entries[e])
+    redis.call('XADD', history_key, 'MAXLEN', '~', s.h, id, 'p', entries[e])
   end
 end
 if s.x then
