@@ -339,13 +339,18 @@ async def test_a_timed_out_push_counts_as_a_timeout(debug_redis: RedisServer) ->
     async for client in serve(settings):
         await client.post("/v1/streams/s/values", json={"value": 1})  # connects, loads the script
 
-        def block_redis() -> None:
+        connected = threading.Event()
+
+        def block_redis(connected: threading.Event) -> None:
             with debug_redis.client() as blocker:
+                blocker.ping()
+                connected.set()  # DEBUG SLEEP is a send away: the push below finds Redis asleep
                 blocker.execute_command("DEBUG", "SLEEP", "1")
 
-        sleeper = threading.Thread(target=block_redis)
+        sleeper = threading.Thread(target=block_redis, args=(connected,))
         sleeper.start()
         try:
+            assert await anyio.to_thread.run_sync(connected.wait, 10)
             await anyio.sleep(0.1)
             assert (await client.post("/v1/streams/s/values", json={"value": 2})).status_code == 503
         finally:
