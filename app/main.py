@@ -99,7 +99,7 @@ def redis_client(url: str, settings: Settings) -> "Redis | RedisCluster":
     common: dict[str, Any] = {
         "decode_responses": True,
         # A stream's packed state (push.lua's `s`) is binary: decoded so, it comes back as its
-        # own bytes with .encode("utf-8", "surrogateescape") (app.codec.unpacked).
+        # own bytes with .encode("utf-8", "surrogateescape") (app.codec.state_numbers).
         "encoding_errors": "surrogateescape",
         "socket_timeout": settings.redis_timeout,
         "socket_connect_timeout": settings.redis_timeout,

@@ -102,11 +102,11 @@ class PushScript:
             # Refused before any load that has finished since it was sent (else it would have
             # run): such a load answers it too, as one still on its way does.
             if self._loads == loads:
-                await self._load()
+                await self.load()
             reply = await self._commands.execute_command("EVALSHA", *command)
         return push_reply(reply)
 
-    async def _load(self) -> None:
+    async def load(self) -> None:
         """Load the script into Redis' cache: one SCRIPT LOAD for all the pushes that find it
         missing meanwhile (a push refused with NOSCRIPT ran before any load still on its way,
         so that load answers it too)."""

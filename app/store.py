@@ -215,7 +215,7 @@ class StreamStore:
     async def _load_push_script(self) -> None:
         """After NOSCRIPT: a restarted Redis has an empty script cache."""
         with contextlib.suppress(redis_errors.RedisError):
-            await self._client.script_load(self._push_script.source)
+            await self._push_script.load()  # shared with the single pushes refused meanwhile
 
     async def _scan(
         self, position: "Position", pattern: str, count: int

@@ -164,30 +164,23 @@ async def test_a_timeout_fails_the_batch_and_the_next_gets_a_fresh_connection(
     own_redis: RedisServer,
 ) -> None:
     async with client_of(own_redis, seconds=0.3) as client:
-        await timeout_fails_the_batch(AutoPipeline(client))
-
-
-async def timeout_fails_the_batch(pipeline: AutoPipeline) -> None:
-    await pipeline.execute_command("SET", "k", "v")
-    # Longer than the 0.3 s timeout: the batch's replies come after it gave up waiting.
-    batch = [pipeline.execute_command("EVAL", _SPIN, 0, "600")]
-    batch += [pipeline.execute_command("GET", "k") for _ in range(5)]
-    replies = await asyncio.gather(*batch, return_exceptions=True)
-    assert all(isinstance(reply, redis.TimeoutError) for reply in replies), replies
-    # Late replies of the timed-out batch must not answer these commands.
-    for _ in range(20):
-        try:
-            assert await pipeline.execute_command("GET", "k") == "v"
-            break
-        except redis.TimeoutError:  # Redis may still be running the script
-            await asyncio.sleep(0.1)
-    assert await asyncio.gather(*(pipeline.execute_command("INCR", "n") for _ in range(5))) == [
-        1,
-        2,
-        3,
-        4,
-        5,
-    ]
+        pipeline = AutoPipeline(client)
+        await pipeline.execute_command("SET", "k", "v")
+        # Longer than the 0.3 s timeout: the batch's replies come after it gave up waiting.
+        batch = [pipeline.execute_command("EVAL", _SPIN, 0, "600")]
+        batch += [pipeline.execute_command("GET", "k") for _ in range(5)]
+        replies = await asyncio.gather(*batch, return_exceptions=True)
+        assert all(isinstance(reply, redis.TimeoutError) for reply in replies), replies
+        # Late replies of the timed-out batch must not answer these commands.
+        for _ in range(20):
+            try:
+                assert await pipeline.execute_command("GET", "k") == "v"
+                break
+            except redis.TimeoutError:  # Redis may still be running the script
+                await asyncio.sleep(0.1)
+        assert await asyncio.gather(
+            *(pipeline.execute_command("INCR", "n") for _ in range(5))
+        ) == list(range(1, 6))
 
 
 async def test_a_lost_connection_fails_the_batch_and_the_next_reconnects(
@@ -201,10 +194,6 @@ async def test_a_lost_connection_fails_the_batch_and_the_next_reconnects(
     )
     assert all(isinstance(reply, redis.ConnectionError) for reply in replies), replies
     own_redis.start()
-    assert await asyncio.gather(*(pipeline.execute_command("INCR", "n") for _ in range(5))) == [
-        1,
-        2,
-        3,
-        4,
-        5,
-    ]
+    assert await asyncio.gather(*(pipeline.execute_command("INCR", "n") for _ in range(5))) == list(
+        range(1, 6)
+    )
