@@ -154,8 +154,27 @@ local function tensorflow()
     return decay32
   end
 
-  return {float32 = float32, step64 = tensorflow_step64, step32 = tensorflow_step32,
-    decay = tensorflow_decay}
+  -- A decay window's shadow after x (x32: x in float32, for dtype '32'), from its decay and 1 -
+  -- decay in float32; and the decay the update used.
+  local function tensorflow_update(dtype, decay32, one_minus_decay32, shadow, x, x32, steps)
+    local decay = tensorflow_decay(decay32, steps)
+    local one_minus_decay = one_minus_decay32
+    if decay ~= decay32 then
+      one_minus_decay = float32(1 - decay)
+    end
+    local step, held = tensorflow_step64, x
+    if dtype == '32' then
+      step, held = tensorflow_step32, x32
+    end
+    if shadow then
+      return step(shadow, held, one_minus_decay), decay
+    end
+    return held, decay
+  end
+
+  -- (windows: the named windows' decays in float32, set by read_config; named here so that the
+  -- table is made at its size)
+  return {float32 = float32, update = tensorflow_update, windows = nil}
 end
 
 -- tonumber also takes 'nan', 'inf', '0x10' and ' 5 ': accept plain decimals only (digits, a
@@ -197,7 +216,11 @@ end
 
 -- The configuration, parsed once from the hash's text fields; nil and the error if invalid. The
 -- main value is a window too: config holds its decay or halflife and its slot in the state
--- array r; the named windows (W) are config.windows, each with its own.
+-- array r. The named windows (W), when there are any, are config.windows: a flat list, two
+-- entries per window in W's order, its halflife and its decay (false for the one it has not);
+-- their numbers follow the main value's in r, in the same order. (A table per window cost a
+-- third of a three-window push's excess over a fixed-decay one: every table, every field added
+-- past a table's size, every captured string is an allocation.)
 local function read_config(s)
   -- Written by the service (validated), so tonumber without decimal's pattern; x - x is NaN
   -- for an infinite or NaN x.
@@ -213,8 +236,29 @@ local function read_config(s)
   local rate = s.k == 'r'
   -- r's slots: b p with a decay, q w z unless a rate, then the windows' numbers.
   local size = (decay and 2 or 0) + (rate and 0 or 3)
+  local windows = false
+  local last = size + (decay and 1 or 2)  -- the last slot taken
+  if s.W and s.W ~= '' then
+    -- Made at the size of the most windows there may be (8): a list that grows is rehashed at
+    -- each power of two. Nils, so that #windows is twice the count.
+    windows = {nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil}
+    local i = 0
+    -- Names are only needed to read the text layout (read_state): not captured here. A name
+    -- holds no ':', so each ':' starts a kind.
+    for kind, param in string.gmatch(s.W, ':([dh])([^,]+)') do
+      -- (the service wrote param: arithmetic reads it once, tonumber twice)
+      if kind == 'd' then
+        windows[i + 1], windows[i + 2] = false, param * 1
+        last = last + 1
+      else
+        windows[i + 1], windows[i + 2] = param * 1, false
+        last = last + 2
+      end
+      i = i + 2
+    end
+  end
   -- Eight fields at most, so that the table is made at its size and no larger; a stream with A
-  -- gets `tensorflow` too (the helpers).
+  -- gets `tensorflow` too (the helpers) and the main decay in float32.
   local config = {
     dtype = dtype,
     decay = decay,
@@ -222,32 +266,23 @@ local function read_config(s)
     rate = rate,
     spread = not rate,
     slot = size + 1,
-    size = size + (decay and 1 or 2),  -- the last slot taken
-    count = 0,  -- named windows
+    size = last,
+    windows = windows,
   }
-  if s.W and s.W ~= '' then
-    config.windows = {}
-    for name, kind, param in string.gmatch(s.W, '([^:,]+):([dh])([^,]+)') do
-      local window = {name = name, slot = config.size + 1}
-      if kind == 'd' then
-        window.decay = tonumber(param)
-        config.size = config.size + 1
-      else
-        window.halflife = tonumber(param)
-        config.size = config.size + 2
-      end
-      config.count = config.count + 1
-      config.windows[config.count] = window
-    end
-  end
   if dtype then
-    config.tensorflow = tensorflow()
-    local float32 = config.tensorflow.float32
-    for i = 0, config.count do
-      local w = i == 0 and config or config.windows[i]
-      if w.decay then
-        w.decay32 = float32(w.decay)
-        w.one_minus_decay32 = float32(1 - w.decay32)
+    local tf = tensorflow()
+    local float32 = tf.float32
+    config.tensorflow = tf
+    config.decay32 = float32(decay)
+    config.one_minus_decay32 = float32(1 - config.decay32)
+    -- the named windows' decays as float32, at the same places in tf.windows as in windows
+    if windows then
+      tf.windows = {}
+      for i = 2, #windows, 2 do
+        if windows[i] then
+          local decay32 = float32(windows[i])
+          tf.windows[i - 1], tf.windows[i] = decay32, float32(1 - decay32)
+        end
       end
     end
   end
@@ -264,8 +299,11 @@ local function read_state(s, config)
   if s.s then
     local blob = s.s
     if s.s1 then
-      local chunk = 1
-      while s['s' .. chunk] do
+      -- One concatenation: three windows' state takes s and s1; at most eight, s to s3 (216
+      -- bytes). Building the names ('s' .. chunk) cost more than the rest of the read.
+      blob = blob .. s.s1 .. (s.s2 or '') .. (s.s3 or '')
+      local chunk = 4
+      while s.s3 and s['s' .. chunk] do
         blob = blob .. s['s' .. chunk]
         chunk = chunk + 1
       end
@@ -295,13 +333,25 @@ local function read_state(s, config)
       r[config.slot - 3], r[config.slot - 2] = tonumber(q) or 0, tonumber(w) or 0
       mean = tonumber(m)
     end
-    for i = 0, config.count do
-      local w = i == 0 and config or config.windows[i]
-      local suffix = i == 0 and '' or ':' .. w.name
-      if w.decay then
-        r[w.slot] = tonumber(s['v' .. suffix])
-      else
-        r[w.slot], r[w.slot + 1] = tonumber(s['S' .. suffix]) or 0, tonumber(s['Z' .. suffix]) or 0
+    local slot = config.slot
+    if config.decay then
+      r[slot] = tonumber(s.v)
+    else
+      r[slot], r[slot + 1] = tonumber(s.S) or 0, tonumber(s.Z) or 0
+    end
+    local windows = config.windows
+    if windows then
+      slot = slot + (config.decay and 1 or 2)
+      local i = 1
+      for name in string.gmatch(s.W, '([^:,]+):') do
+        if windows[i] then
+          r[slot], r[slot + 1] = tonumber(s['S:' .. name]) or 0, tonumber(s['Z:' .. name]) or 0
+          slot = slot + 2
+        else
+          r[slot] = tonumber(s['v:' .. name])
+          slot = slot + 1
+        end
+        i = i + 2
       end
     end
   end
@@ -394,7 +444,9 @@ local function parse_sample(j, auto, reject_late, count, state, now)
 end
 
 -- E is the newest sample's time. Halflife windows: a newer sample moves it forward and
--- rescales their sums; a late one leaves it, and the sums, as they are.
+-- rescales their sums; a late one leaves it, and the sums, as they are. Rescales the main
+-- value's sums here; the named windows' are rescaled by apply_windows, given E before (as
+-- rescaling cannot fail, doing it there changes no outcome).
 local function move_epoch(config, r, state, at)
   if config.halflife then
     state.used = 1
@@ -402,19 +454,15 @@ local function move_epoch(config, r, state, at)
   if state.epoch == nil then
     state.epoch = at
   elseif at > state.epoch then
-    for i = 0, config.count do
-      local w = i == 0 and config or config.windows[i]
-      if w.halflife then
-        local shrink = 2 ^ ((state.epoch - at) / w.halflife)
-        r[w.slot] = r[w.slot] * shrink
-        r[w.slot + 1] = r[w.slot + 1] * shrink
-        if i == 0 then
-          state.used = shrink
-          if config.spread then
-            state.spread = state.spread * shrink
-            state.spread_weight = state.spread_weight * shrink * shrink
-          end
-        end
+    if config.halflife then
+      local slot = config.slot
+      local shrink = 2 ^ ((state.epoch - at) / config.halflife)
+      r[slot] = r[slot] * shrink
+      r[slot + 1] = r[slot + 1] * shrink
+      state.used = shrink
+      if config.spread then
+        state.spread = state.spread * shrink
+        state.spread_weight = state.spread_weight * shrink * shrink
       end
     end
     state.epoch = at
@@ -488,12 +536,24 @@ local function update_spread(state, x, d, weight, sum, total, want_z)
   return reported - reported == 0
 end
 
--- One sample into window w (config itself for the main value); the error if it overflows.
-local function apply_window(config, w, r, state, x, x32, steps, at, want_z)
-  local slot = w.slot
-  if w.halflife then
-    local weight = 2 ^ ((at - state.epoch) / w.halflife)
-    if w == config and config.spread
+-- One sample into every window, the main value first, then the named ones (config.windows) in
+-- W's order; the error if one overflows. `before`: E before this sample (move_epoch has moved it
+-- to `at` if the sample is newer: then each named halflife window's sums are rescaled here,
+-- 2^((before - at) / halflife), before the sample is added). One function for all of them, with
+-- no table and no call per window: a call costs as much as ten arithmetic operations, and each
+-- function the script defines costs a closure on every call of the script.
+local function apply_sample(config, r, state, x, x32, steps, at, want_z, before)
+  local slot = config.slot
+  -- the most a decay may be when the sample has num_updates
+  local cap = steps and (1 + steps) / (10 + steps)
+  local halflife = config.halflife
+  if halflife then
+    -- 2^(0 / halflife) is exactly 1: a sample at E (the newest, most are) skips the power.
+    local weight = 1
+    if at ~= state.epoch then
+      weight = 2 ^ ((at - state.epoch) / halflife)
+    end
+    if config.spread
         and not update_spread(state, x, nil, weight, r[slot], r[slot + 1], want_z) then
       return 'the variance overflows float64'
     end
@@ -503,56 +563,34 @@ local function apply_window(config, w, r, state, x, x32, steps, at, want_z)
       return 'the update overflows float64'
     end
     if config.rate then
-      local rate = r[slot] * math.log(2) / w.halflife
+      local rate = r[slot] * math.log(2) / halflife
       if rate - rate ~= 0 then
         return 'the rate overflows float64'
       end
     end
-    return nil
-  end
-  local main = w == config
-  local d = w.decay
-  if steps then
-    d = math.min(d, (1 + steps) / (10 + steps))
-  end
-  if main and config.spread and not update_spread(state, x, d, nil, nil, nil, want_z) then
-    return 'the variance overflows float64'
-  end
-  local shadow = r[slot]
-  local dtype = config.dtype
-  if dtype then
-    local tf = config.tensorflow
-    local decay32 = tf.decay(w.decay32, steps)
-    local one_minus_decay = w.one_minus_decay32
-    if decay32 ~= w.decay32 then
-      one_minus_decay = tf.float32(1 - decay32)
-    end
-    local step, held = tf.step64, x
-    if dtype == '32' then
-      step, held = tf.step32, x32
-    end
-    if shadow then
-      shadow = step(shadow, held, one_minus_decay)
-    else
-      shadow = held
-    end
-    d = decay32
-  elseif shadow then
-    shadow = shadow - (1 - d) * (shadow - x)
+    slot = slot + 2
   else
-    shadow = x
-  end
-  if main then
+    local d = config.decay
+    if cap and cap < d then  -- (math.min(d, cap), without the call)
+      d = cap
+    end
+    if config.spread and not update_spread(state, x, d, nil, nil, nil, want_z) then
+      return 'the variance overflows float64'
+    end
+    local shadow = r[slot]
+    if config.dtype then
+      shadow, d = config.tensorflow.update(config.dtype, config.decay32,
+        config.one_minus_decay32, shadow, x, x32, steps)
+    elseif shadow then
+      shadow = shadow - (1 - d) * (shadow - x)
+    else
+      shadow = x
+    end
     -- The bias-corrected value is the service's, not TensorFlow's (zero_debias is off): in
     -- float64 in every arithmetic, with the decay the update used.
     state.biased = state.biased - (1 - d) * (state.biased - x)
-  end
-  r[slot] = shadow
-  if shadow - shadow ~= 0 then
-    return 'the update overflows float64'
-  end
-  if main then
-    if state.biased - state.biased ~= 0 then
+    r[slot] = shadow
+    if shadow - shadow ~= 0 or state.biased - state.biased ~= 0 then
       return 'the update overflows float64'
     end
     state.product = state.product * d
@@ -561,6 +599,64 @@ local function apply_window(config, w, r, state, x, x32, steps, at, want_z)
     local corrected = state.biased / correction
     if correction ~= 0 and corrected - corrected ~= 0 then
       return 'the bias-corrected value overflows float64'
+    end
+    slot = slot + 1
+  end
+
+  local windows = config.windows
+  if not windows then
+    return nil
+  end
+  local epoch, span = at, nil  -- E after this sample; before - at, when the sample moved E
+  if before and at > before then
+    span = before - at
+  elseif before then
+    epoch = before
+  end
+  for i = 1, #windows, 2 do
+    halflife = windows[i]
+    if halflife then
+      local sum, total = r[slot], r[slot + 1]
+      if span then
+        local shrink = 2 ^ (span / halflife)
+        sum, total = sum * shrink, total * shrink
+      end
+      if at == epoch then
+        sum, total = sum + x, total + 1
+      else
+        local weight = 2 ^ ((at - epoch) / halflife)
+        sum, total = sum + x * weight, total + weight
+      end
+      r[slot], r[slot + 1] = sum, total
+      if sum - sum ~= 0 then
+        return 'the update overflows float64'
+      end
+      if config.rate then
+        local rate = sum * math.log(2) / halflife
+        if rate - rate ~= 0 then
+          return 'the rate overflows float64'
+        end
+      end
+      slot = slot + 2
+    else
+      local shadow = r[slot]
+      if config.dtype then
+        local tf = config.tensorflow
+        shadow = tf.update(config.dtype, tf.windows[i], tf.windows[i + 1], shadow, x, x32, steps)
+      elseif shadow then
+        local d = windows[i + 1]
+        if cap and cap < d then
+          d = cap
+        end
+        shadow = shadow - (1 - d) * (shadow - x)
+      else
+        shadow = x
+      end
+      r[slot] = shadow
+      if shadow - shadow ~= 0 then
+        return 'the update overflows float64'
+      end
+      slot = slot + 1
     end
   end
   return nil
@@ -680,6 +776,7 @@ for j = 7, final, 3 do
   if x == nil then
     return steps
   end
+  local before = state.epoch
   move_epoch(config, r, state, at)
   local x32
   if config.dtype == '32' then
@@ -691,12 +788,9 @@ for j = 7, final, 3 do
   -- z is reported for the last sample, and for each in the history
   local want_z = history > 0 or j == final
   state.z = nil
-  for i = 0, config.count do
-    local why = apply_window(config, i == 0 and config or config.windows[i], r, state, x, x32,
-      steps, at, want_z)
-    if why then
-      return refuse('EMA_INVALID', j, why)
-    end
+  local why = apply_sample(config, r, state, x, x32, steps, at, want_z, before)
+  if why then
+    return refuse('EMA_INVALID', j, why)
   end
   count = count + 1
   last = x
