@@ -671,9 +671,16 @@ local function write_fields(key, hash, creating, n, blob)
   local text = ''
   local fields, old
   local chunks = 0  -- s1, s2, ... stored
-  if creating or #blob > 64 then
+  local needed = 1  -- s, s1, ... the blob takes
+  if #blob > 64 then
+    needed = math.ceil(#blob / 64)
+  end
+  -- A list of the fields only when creating or for more than two chunks: s and s1 (up to
+  -- three windows) are written without one (a table, and naming a chunk, 's' .. c, cost more
+  -- than the rest of the write).
+  if creating or needed > 2 then
     fields = {'n', n, 's', string.sub(blob, 1, 64)}
-    for c = 1, math.ceil(#blob / 64) - 1 do
+    for c = 1, needed - 1 do
       fields[#fields + 1] = 's' .. c
       fields[#fields + 1] = string.sub(blob, 64 * c + 1, 64 * c + 64)
     end
@@ -684,6 +691,8 @@ local function write_fields(key, hash, creating, n, blob)
     local field, value = hash[i], hash[i + 1]
     if field == 'n' or field == 's' then
       -- written here
+    elseif field == 's1' then
+      chunks = chunks + 1  -- (the usual chunk, without the pattern below)
     elseif #field == 1 and not string.find('ltuEbpVMqwmzvSZ', field, 1, true) then
       text = text .. field .. '=' .. value .. ';'
       if creating then
@@ -697,14 +706,16 @@ local function write_fields(key, hash, creating, n, blob)
       old[#old + 1] = field
     end
   end
-  if chunks > 0 then
-    for c = math.max(1, math.ceil(#blob / 64)), chunks do
+  if chunks >= needed then
+    for c = needed, chunks do
       old = old or {}
       old[#old + 1] = 's' .. c
     end
   end
   if fields then
     redis.call('HSET', key, unpack(fields))
+  elseif needed == 2 then
+    redis.call('HSET', key, 'n', n, 's', string.sub(blob, 1, 64), 's1', string.sub(blob, 65))
   else
     redis.call('HSET', key, 'n', n, 's', blob)
   end
