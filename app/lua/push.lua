@@ -693,7 +693,8 @@ local function write_fields(key, hash, creating, n, blob)
       -- written here
     elseif field == 's1' then
       chunks = chunks + 1  -- (the usual chunk, without the pattern below)
-    elseif #field == 1 and not string.find('ltuEbpVMqwmzvSZ', field, 1, true) then
+    elseif field == 'd' or field == 'H' or field == 'W' -- (the usual ones, without a call)
+        or #field == 1 and not string.find('ltuEbpVMqwmzvSZ', field, 1, true) then
       text = text .. field .. '=' .. value .. ';'
       if creating then
         fields[#fields + 1] = field
