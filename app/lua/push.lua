@@ -309,7 +309,12 @@ local function read_state(s, config)
       end
     end
     local stored = #blob / 8
-    format = '<' .. string.rep('d', stored)
+    -- (cut from a constant, one call where building it takes two operations; s holds 27
+    -- numbers at most)
+    format = string.sub('<dddddddddddddddddddddddddddddddd', 1, stored + 1)
+    if stored > 32 then
+      format = '<' .. string.rep('d', stored)
+    end
     r = {struct.unpack(format, blob)}
     local extra = stored - size - 2
     last = r[size + 2]
@@ -404,7 +409,10 @@ local function packed(config, r, state, now, last, format)
     end
   end
   if not format or #format ~= k + 1 then
-    format = '<' .. string.rep('d', k)
+    format = string.sub('<dddddddddddddddddddddddddddddddd', 1, k + 1)  -- (as read_state's)
+    if k > 32 then
+      format = '<' .. string.rep('d', k)
+    end
   end
   return struct.pack(format, unpack(r, 1, k))
 end
