@@ -218,9 +218,9 @@ end
 -- main value is a window too: config holds its decay or halflife and its slot in the state
 -- array r. The named windows (W), when there are any, are config.windows: a flat list, two
 -- entries per window in W's order, its halflife and its decay (false for the one it has not);
--- their numbers follow the main value's in r, in the same order. (A table per window cost a
--- third of a three-window push's excess over a fixed-decay one: every table, every field added
--- past a table's size, every captured string is an allocation.)
+-- their numbers follow the main value's in r, in the same order. (A table per window, and the
+-- list of them grown, cost a fifth of a three-window push's excess over a fixed-decay one:
+-- every table, every field added past a table's size, every captured string is an allocation.)
 local function read_config(s)
   -- Written by the service (validated), so tonumber without decimal's pattern; x - x is NaN
   -- for an infinite or NaN x.
@@ -453,7 +453,7 @@ end
 
 -- E is the newest sample's time. Halflife windows: a newer sample moves it forward and
 -- rescales their sums; a late one leaves it, and the sums, as they are. Rescales the main
--- value's sums here; the named windows' are rescaled by apply_windows, given E before (as
+-- value's sums here; the named windows' are rescaled by apply_sample, given E before (as
 -- rescaling cannot fail, doing it there changes no outcome).
 local function move_epoch(config, r, state, at)
   if config.halflife then
