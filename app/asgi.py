@@ -187,12 +187,12 @@ class FastPaths:
             except ValidationError as error:
                 raise InvalidInput.from_validation(error.errors()) from None
             idempotency_key = _header(scope, b"idempotency-key")
-            fields, replayed = await store.push_fields(name, push.samples(), idempotency_key)
+            state, replayed = await store.push_state(name, push.samples(), idempotency_key)
         except ServiceError as error:
             await service_problem(error, scope["path"])(scope, receive, send)
             return
         extra = [(b"idempotent-replayed", b"true")] if replayed else []
-        await _send_json(send, state_json(name, fields), extra)
+        await _send_json(send, state, extra)
 
     async def _get(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         store: StreamStore = scope["app"].state.store

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
@@ -25,7 +25,7 @@ from typing import Protocol
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
 
-from app.codec import decode_fields, state_json
+from app.codec import RecentReplies, decode_fields, state_json
 from app.keys import KeyLayout
 from app.models import StreamState
 
@@ -38,30 +38,54 @@ _RECONNECT_DELAY = 0.5
 WRITE_INTERVAL = 0.025
 
 
-@dataclass(frozen=True)
 class Update:
     """One applied update, rendered once for all the subscribers of the process: the state's
     JSON, and the event as bytes, as a stream's own subscribers get it (with its count as the
-    event's id) and as a prefix's get it (without)."""
+    event's id) and as a prefix's get it (without).
 
-    count: int
-    data: bytes
+    One heard from Pub/Sub is rendered when its batch is handed out (`render`), not as it
+    arrives: by then the push's reply has most often been rendered, if this process served the
+    push, and its JSON is taken from RecentReplies instead."""
+
+    __slots__ = ("_event", "_event_with_id", "count", "data", "name", "text")
+
+    def __init__(self, name: str, text: str | None = None) -> None:
+        self.name = name
+        self.text = text  # the announcement, until rendered
+        self.count = 0
+        self.data = b""
+        self._event: bytes | None = None
+        self._event_with_id: bytes | None = None
 
     @classmethod
     def of(cls, state: StreamState) -> "Update":
-        return cls(state.count, state.model_dump_json().encode())
+        update = cls(state.name)
+        update.count, update.data = state.count, state.model_dump_json().encode()
+        return update
 
-    @classmethod
-    def from_fields(cls, name: str, fields: Mapping[str, str]) -> "Update":
-        return cls(int(fields["n"]), state_json(name, fields))
+    def render(self, replies: RecentReplies | None) -> None:
+        """Read the announcement, once."""
+        text = self.text
+        if text is None:
+            return
+        self.text = None
+        rendered = replies.take(text) if replies is not None else None
+        if rendered is None:
+            fields = decode_fields(text)
+            rendered = int(fields["n"]), state_json(self.name, fields)
+        self.count, self.data = rendered
 
-    @cached_property
+    @property
     def event(self) -> bytes:
-        return b"event: update\ndata: " + self.data + b"\n\n"
+        if self._event is None:
+            self._event = b"event: update\ndata: " + self.data + b"\n\n"
+        return self._event
 
-    @cached_property
+    @property
     def event_with_id(self) -> bytes:
-        return b"id: %d\n" % self.count + self.event
+        if self._event_with_id is None:
+            self._event_with_id = b"id: %d\n" % self.count + self.event
+        return self._event_with_id
 
 
 @dataclass(eq=False)
@@ -196,6 +220,7 @@ class _Topic:
     most one batch per write interval, shared by all of them."""
 
     loop: asyncio.AbstractEventLoop
+    replies: RecentReplies | None = None
     subscriptions: set[Subscription] = field(default_factory=set)
     pending: list[Update] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
@@ -214,6 +239,8 @@ class _Topic:
             self.timer = None
         if not self.pending:
             return
+        for update in self.pending:
+            update.render(self.replies)
         batch = Batch(self.pending)
         self.pending = []
         self.flushed = self.loop.time()
@@ -229,9 +256,16 @@ class EventHub:
     """One Pub/Sub connection per process, shared by all its subscribers."""
 
     def __init__(
-        self, client: "PubSubSource", layout: KeyLayout, *, queue_size: int, max_subscriptions: int
+        self,
+        client: "PubSubSource",
+        layout: KeyLayout,
+        *,
+        queue_size: int,
+        max_subscriptions: int,
+        replies: RecentReplies | None = None,
     ) -> None:
         self._client = client
+        self._replies = replies
         self._layout = layout
         self._queue_size = queue_size
         self._max_subscriptions = max_subscriptions
@@ -241,7 +275,7 @@ class EventHub:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._last: tuple[str, str, Update] | None = None  # the last announcement rendered
+        self._last: tuple[str, Update] | None = None  # the last announcement heard
 
     @property
     def count(self) -> int:
@@ -280,7 +314,9 @@ class EventHub:
             subscription = Subscription(pattern, True, self._queue_size)
         topic = self._topics.get(subscription.topic)
         if topic is None:
-            topic = self._topics[subscription.topic] = _Topic(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            topic = self._topics[subscription.topic] = _Topic(loop, self._replies)
+            self._want_replies()
         # What is pending arrived before this subscription: it goes to the others now.
         topic.flush()
         topic.subscriptions.add(subscription)
@@ -298,7 +334,12 @@ class EventHub:
             if topic.timer is not None:
                 topic.timer.cancel()
             del self._topics[subscription.topic]
+            self._want_replies()
         self._changed.set()
+
+    def _want_replies(self) -> None:
+        if self._replies is not None:
+            self._replies.wanted = bool(self._topics)
 
     @contextlib.asynccontextmanager
     async def subscribe(
@@ -393,14 +434,13 @@ class EventHub:
         if topic is None:
             return
         # The same announcement comes once per matching subscription (a stream's own and a
-        # prefix's): rendered once.
+        # prefix's): one Update, rendered once.
         last = self._last
-        if last is not None and last[0] == channel and last[1] == data:
-            update = last[2]
+        if last is not None and last[0] == channel and last[1].text == data:
+            update = last[1]
         else:
-            name = self._layout.name_of_channel(channel)
-            update = Update.from_fields(name, decode_fields(data))
-            self._last = (channel, data, update)
+            update = Update(self._layout.name_of_channel(channel), data)
+            self._last = (channel, update)
         topic.add(update)
 
 

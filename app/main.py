@@ -185,6 +185,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         KeyLayout(settings.key_prefix),
         queue_size=settings.subscriber_queue,
         max_subscriptions=settings.max_subscriptions,
+        replies=app.state.store.replies,
     )
     hub.start()
     try:

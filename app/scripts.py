@@ -90,9 +90,8 @@ class PushScript:
         all_keys = [*keys, idempotency.key] if idempotency else list(keys)
         return all_keys, args
 
-    async def run(self, keys: list[str], args: list[str]) -> tuple[dict[str, str], bool]:
-        """One `call` on its own: the stream's hash fields, and whether they are the stored
-        reply of an earlier push with the same idempotency key."""
+    async def run(self, keys: list[str], args: list[str]) -> str:
+        """One `call` on its own: its reply, which `push_reply` reads."""
         # EVALSHA itself, as redis-py's Script would send it, without its per-call overhead.
         command: tuple[str | int, ...] = (self._script.sha, len(keys), *keys, *args)
         loads = self._loads
@@ -104,7 +103,7 @@ class PushScript:
             if self._loads == loads:
                 await self.load()
             reply = await self._commands.execute_command("EVALSHA", *command)
-        return push_reply(reply)
+        return cast(str, reply)
 
     async def load(self) -> None:
         """Load the script into Redis' cache: one SCRIPT LOAD for all the pushes that find it
@@ -128,5 +127,11 @@ def push_reply(reply: object) -> tuple[dict[str, str], bool]:
     """The stream's hash fields from a push's reply (see push.lua's header), and whether it was
     an idempotent replay."""
     text = cast(str, reply)
-    replayed = text.startswith(_REPLAYED)
+    replayed = is_replay(text)
     return decode_fields(text.removeprefix(_REPLAYED)), replayed
+
+
+def is_replay(reply: str) -> bool:
+    """Whether a push's reply is the stored reply of an earlier push with the same idempotency
+    key (which was not applied again)."""
+    return reply.startswith(_REPLAYED)

@@ -24,12 +24,20 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 
-from app.codec import config_fields, encode_fields, history_entry, number, state_from_fields
+from app.codec import (
+    RecentReplies,
+    config_fields,
+    encode_fields,
+    history_entry,
+    number,
+    state_from_fields,
+    state_json,
+)
 from app.errors import InvalidInput, LateSample, ServiceError, StoreUnavailable, StreamNotFound
 from app.keys import NAME_PATTERN, KeyLayout
 from app.models import HistoryPage, StreamConfig, StreamPage, StreamState, Triple
 from app.pipelining import AutoPipeline, CommandSender
-from app.scripts import Idempotency, PushScript, push_reply
+from app.scripts import Idempotency, PushScript, is_replay, push_reply
 from app.settings import Settings
 
 # Replies that mean "Redis cannot serve this right now": worth a 503 and a retry, never a 500.
@@ -117,6 +125,7 @@ class StreamStore:
         self._announce = settings.events
         self._retry_after = settings.retry_after
         self._observer = observer
+        self.replies = RecentReplies()
 
     # --- errors ---------------------------------------------------------------------------------
 
@@ -273,32 +282,42 @@ class StreamStore:
         """Apply samples (value, num_updates, timestamp) in order, atomically, creating the
         stream if allowed. Returns the new state, and True when it is the stored result of an
         earlier push with the same idempotency key (which was not applied again)."""
-        fields, replayed = await self.push_fields(name, samples, idempotency_key)
+        fields, replayed = push_reply(await self._push(name, samples, idempotency_key))
         return state_from_fields(name, fields), replayed
 
-    async def push_fields(
+    async def push_state(
         self,
         name: str,
         samples: Sequence[Triple],
         idempotency_key: str | None = None,
-    ) -> tuple[dict[str, str], bool]:
-        """`push`, returning the stream's hash fields after it (codec.state_json renders them).
+    ) -> tuple[bytes, bool]:
+        """`push`, with the new state as its JSON (codec.state_json): what a push replies.
 
-        The batch is capped because a Lua script blocks every other client while it runs.
-        """
+        Kept in `replies` for the event hub, which would otherwise render it again from the
+        push's announcement."""
+        reply = await self._push(name, samples, idempotency_key)
+        fields, replayed = push_reply(reply)
+        json = state_json(name, fields)
+        if not replayed:  # a replay announces nothing
+            self.replies.keep(reply, int(fields["n"]), json)
+        return json, replayed
+
+    async def _push(self, name: str, samples: Sequence[Triple], idempotency_key: str | None) -> str:
+        """The push script's reply to `push`. The batch is capped because a Lua script blocks
+        every other client while it runs."""
         if len(samples) > self._max_batch:
             raise InvalidInput(f"values: at most {self._max_batch} per push, got {len(samples)}")
         keys, args = self._push_call(name, samples, idempotency_key)
         started = time.perf_counter()
         try:
             with self._errors(name):
-                fields, replayed = await self._push_script.run(keys, args)
+                reply = await self._push_script.run(keys, args)
         finally:
             if self._observer is not None:
                 self._observer.script_ran(time.perf_counter() - started)
-        if self._observer is not None and not replayed:
+        if self._observer is not None and not is_replay(reply):
             self._observer.applied(len(samples))
-        return fields, replayed
+        return reply
 
     def _push_call(
         self, name: str, samples: Sequence[Triple], idempotency_key: str | None

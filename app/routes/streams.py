@@ -62,8 +62,8 @@ async def push_values(
     A push to a stream that does not exist creates it with the server's default configuration
     (unless EMA_AUTO_CREATE is false). If any value is invalid, nothing is applied.
     """
-    fields, replayed = await store.push_fields(name, push.samples(), idempotency_key)
-    reply = _state_response(name, fields)
+    state, replayed = await store.push_state(name, push.samples(), idempotency_key)
+    reply = Response(state, media_type="application/json")
     if replayed:
         reply.headers["Idempotent-Replayed"] = "true"
     return reply
