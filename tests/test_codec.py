@@ -4,7 +4,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from app.codec import config_fields, state_from_fields, state_json
+from app.codec import RecentReplies, config_fields, state_from_fields, state_json
 from app.models import StreamConfig
 
 numbers = st.floats(allow_nan=False, width=64)  # infinities too: an overflowed sum
@@ -84,3 +84,17 @@ def test_a_variance_rounded_below_zero_has_no_deviation() -> None:
     assert state.variance < 0
     assert state.std is None
     assert state_json("s", fields) == state.model_dump_json().encode()
+
+
+def test_recent_replies_are_kept_only_while_wanted_and_only_the_newest() -> None:
+    replies = RecentReplies(limit=2)
+    replies.keep("a", 1, b"A")
+    assert replies.take("a") is None  # not wanted: not kept
+    replies.wanted = True
+    for count, text in enumerate("abc", 1):
+        replies.keep(text, count, text.upper().encode())
+    assert replies.take("a") is None  # the oldest went over the limit
+    assert replies.take("c") == (3, b"C")
+    assert replies.take("c") is None  # taken once
+    replies.wanted = False
+    assert len(replies) == 0

@@ -219,6 +219,31 @@ async def test_the_subscribers_of_a_stream_share_its_batches(
     )
 
 
+@pytest.mark.anyio
+async def test_an_update_this_process_pushed_is_not_rendered_again(
+    redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    app = create_app(make_settings(redis_server.url))
+    async with app.router.lifespan_context(app):
+        hub: EventHub = app.state.hub
+        store = app.state.store
+        await store.push_state("a", [(1.0, None, None)])
+        assert len(store.replies) == 0  # nobody listens: nothing kept
+        async with hub.subscribe(name="a") as subscription:
+            await asyncio.wait_for(subscription.ready.wait(), 5)
+            replies = [(await store.push_state("a", [(v, None, None)]))[0] for v in (2.0, 3.0)]
+            updates: list[Update] = []
+            while len(updates) < 2:
+                for item in await subscription.take(5):
+                    assert isinstance(item, Batch)
+                    updates += item.updates
+        assert len(store.replies) == 0  # taken by the hub
+    # The reply's very bytes: taken, not rendered again.
+    assert [u.data for u in updates] == replies
+    assert all(u.data is reply for u, reply in zip(updates, replies, strict=True))
+    assert [u.count for u in updates] == [2, 3]
+
+
 def test_put_resets_a_resumed_subscription(
     replicas: tuple[ServiceProcess, ServiceProcess],
 ) -> None:
