@@ -22,7 +22,7 @@ from app import __version__, errors, openapi
 from app.asgi import BodyLimit, Bookkeeping, FastPaths, JsonByDefault
 from app.auth import ApiKeyAuth
 from app.embedded import EmbeddedRedis
-from app.events import AnyClusterNode, EventHub
+from app.events import AnyClusterNode, EventHub, OneNode
 from app.keys import KeyLayout
 from app.lifetime import worker_dies_with_supervisor
 from app.metrics import Metrics
@@ -181,7 +181,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     client = redis_client(url, settings)
     app.state.store = open_store(client, settings, observer=app.state.metrics)
     app.state.hub = hub = EventHub(
-        AnyClusterNode(client) if isinstance(client, RedisCluster) else client,
+        AnyClusterNode(client) if isinstance(client, RedisCluster) else OneNode(client),
         KeyLayout(settings.key_prefix),
         queue_size=settings.subscriber_queue,
         max_subscriptions=settings.max_subscriptions,

@@ -244,6 +244,22 @@ async def test_an_update_this_process_pushed_is_not_rendered_again(
     assert [u.count for u in updates] == [2, 3]
 
 
+@pytest.mark.anyio
+async def test_the_hub_hears_over_resp2(
+    redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    # RESP3 would deliver each message as a push reply, which redis-py formats for a debug log.
+    app = create_app(make_settings(redis_server.url))
+    async with (
+        app.router.lifespan_context(app),
+        app.state.hub.subscribe(name="a") as subscription,
+    ):
+        await asyncio.wait_for(subscription.ready.wait(), 5)
+        clients = redis_client.client_list()
+    subscribers = [c for c in clients if c["sub"] == "1"]
+    assert [c["resp"] for c in subscribers] == ["2"]
+
+
 def test_put_resets_a_resumed_subscription(
     replicas: tuple[ServiceProcess, ServiceProcess],
 ) -> None:
