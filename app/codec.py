@@ -325,16 +325,16 @@ def state_json(name: str, fields: Mapping[str, str], now: float | None = None) -
 
 
 class RecentReplies:
-    """The states this process just rendered for push replies, by the reply's text, which is
-    also what the push announced: the event hub takes an update's count and JSON from here
-    rather than render the same state again. Kept only while the hub has subscribers
-    (`wanted`), and at most `limit`: one the hub does not hear soon goes with the oldest (and
-    is rendered again if it ever comes)."""
+    """The states this process just rendered for push replies, by stream name and reply text
+    (what the push announced; streams in the same state have the same text): the event hub
+    takes an update's count and JSON from here rather than render the same state again. Kept
+    only while the hub has subscribers (`wanted`), and at most `limit`: one the hub does not
+    hear soon goes with the oldest (and is rendered again if it ever comes)."""
 
     def __init__(self, limit: int = 1024) -> None:
         self._limit = limit
         self._wanted = False
-        self._states: dict[str, tuple[int, bytes]] = {}
+        self._states: dict[tuple[str, str], tuple[int, bytes]] = {}
 
     @property
     def wanted(self) -> bool:
@@ -346,15 +346,15 @@ class RecentReplies:
         if not wanted:
             self._states.clear()
 
-    def keep(self, text: str, count: int, json: bytes) -> None:
+    def keep(self, name: str, text: str, count: int, json: bytes) -> None:
         if self._wanted:
             states = self._states
-            states[text] = (count, json)
+            states[name, text] = (count, json)
             if len(states) > self._limit:
                 del states[next(iter(states))]
 
-    def take(self, text: str) -> tuple[int, bytes] | None:
-        return self._states.pop(text, None)
+    def take(self, name: str, text: str) -> tuple[int, bytes] | None:
+        return self._states.pop((name, text), None)
 
     def __len__(self) -> int:
         return len(self._states)

@@ -70,7 +70,7 @@ class Update:
         if text is None:
             return
         self.text = None
-        rendered = replies.take(text) if replies is not None else None
+        rendered = replies.take(self.name, text) if replies is not None else None
         if rendered is None:
             fields = decode_fields(text)
             rendered = int(fields["n"]), state_json(self.name, fields)

@@ -299,7 +299,7 @@ class StreamStore:
         fields, replayed = push_reply(reply)
         json = state_json(name, fields)
         if not replayed:  # a replay announces nothing
-            self.replies.keep(reply, int(fields["n"]), json)
+            self.replies.keep(name, reply, int(fields["n"]), json)
         return json, replayed
 
     async def _push(self, name: str, samples: Sequence[Triple], idempotency_key: str | None) -> str:

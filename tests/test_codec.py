@@ -88,13 +88,14 @@ def test_a_variance_rounded_below_zero_has_no_deviation() -> None:
 
 def test_recent_replies_are_kept_only_while_wanted_and_only_the_newest() -> None:
     replies = RecentReplies(limit=2)
-    replies.keep("a", 1, b"A")
-    assert replies.take("a") is None  # not wanted: not kept
+    replies.keep("s", "a", 1, b"A")
+    assert replies.take("s", "a") is None  # not wanted: not kept
     replies.wanted = True
     for count, text in enumerate("abc", 1):
-        replies.keep(text, count, text.upper().encode())
-    assert replies.take("a") is None  # the oldest went over the limit
-    assert replies.take("c") == (3, b"C")
-    assert replies.take("c") is None  # taken once
+        replies.keep("s", text, count, text.upper().encode())
+    assert replies.take("s", "a") is None  # the oldest went over the limit
+    assert replies.take("t", "c") is None  # another stream's, in the same state
+    assert replies.take("s", "c") == (3, b"C")
+    assert replies.take("s", "c") is None  # taken once
     replies.wanted = False
     assert len(replies) == 0
