@@ -9,36 +9,23 @@ import asyncio
 import hashlib
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis.asyncio.connection
-from fastapi import FastAPI
 from redis.crc import key_slot
 
 from app.events import Lagged
-from app.main import create_app
 from app.scripts import load_source
-from app.settings import Settings
 from tests.redis_server import RedisCluster
 from tests.service import ServiceProcess
-from tests.utils import make_settings, subscribe
+from tests.utils import make_settings, running, subscribe
 
 pytestmark = pytest.mark.anyio
 
 PUSH_SHA = hashlib.sha1(load_source("push").encode()).hexdigest()
-
-
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://ema.test") as client:
-            yield app, client
 
 
 @pytest.fixture

@@ -15,13 +15,12 @@ from starlette.types import Message
 from app.errors import StoreUnavailable
 from app.events import Batch, EventHub, Lagged, Subscription, Update
 from app.keys import KeyLayout
-from app.main import create_app
 from app.models import StreamConfig, StreamState
 from app.routes.events import _stream
 from tests.redis_server import RedisServer
 from tests.reference import ReferenceEma, exact_time_spread, z_score
 from tests.service import ServiceProcess
-from tests.utils import make_settings, subscribe
+from tests.utils import make_settings, running, subscribe
 
 
 @pytest.fixture
@@ -192,15 +191,9 @@ async def test_a_waiting_subscriber_gets_its_heartbeat_and_then_what_comes() -> 
 async def test_the_subscribers_of_a_stream_share_its_batches(
     redis_server: RedisServer, redis_client: "redis.Redis"
 ) -> None:
-    app = create_app(make_settings(redis_server.url))
-    async with app.router.lifespan_context(app):
+    async with running(make_settings(redis_server.url)) as (app, http):
         hub: EventHub = app.state.hub
-        transport = httpx.ASGITransport(app=app)
-        async with (
-            httpx.AsyncClient(transport=transport, base_url="http://ema.test") as http,
-            hub.subscribe(name="a") as first,
-            hub.subscribe(name="a") as second,
-        ):
+        async with hub.subscribe(name="a") as first, hub.subscribe(name="a") as second:
             await asyncio.wait_for(first.ready.wait(), 5)
             pushes = [http.post("/v1/streams/a/values", json={"value": 1.0}) for _ in range(20)]
             await asyncio.gather(*pushes)
@@ -223,8 +216,7 @@ async def test_the_subscribers_of_a_stream_share_its_batches(
 async def test_an_update_this_process_pushed_is_not_rendered_again(
     redis_server: RedisServer, redis_client: "redis.Redis"
 ) -> None:
-    app = create_app(make_settings(redis_server.url))
-    async with app.router.lifespan_context(app):
+    async with running(make_settings(redis_server.url)) as (app, _):
         hub: EventHub = app.state.hub
         store = app.state.store
         await store.push_state("a", [(1.0, None, None)])
@@ -249,9 +241,8 @@ async def test_the_hub_hears_over_resp2(
     redis_server: RedisServer, redis_client: "redis.Redis"
 ) -> None:
     # RESP3 would deliver each message as a push reply, which redis-py formats for a debug log.
-    app = create_app(make_settings(redis_server.url))
     async with (
-        app.router.lifespan_context(app),
+        running(make_settings(redis_server.url)) as (app, _),
         app.state.hub.subscribe(name="a") as subscription,
     ):
         await asyncio.wait_for(subscription.ready.wait(), 5)

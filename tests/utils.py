@@ -23,6 +23,7 @@ import pytest
 import redis
 import yaml
 from ema_client import Features, Retry
+from fastapi import FastAPI
 
 from app.main import create_app
 from app.settings import Settings
@@ -45,13 +46,20 @@ def make_settings(redis_url: str, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its lifespan, over httpx in-process."""
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app with its lifespan, and an httpx client of it in-process."""
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://ema.test") as client:
-            yield client
+            yield app, client
+
+
+async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan, over httpx in-process."""
+    async with running(settings) as (_, client):
+        yield client
 
 
 def snapshot(client: "redis.Redis") -> dict[str, object]:
