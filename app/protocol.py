@@ -14,15 +14,20 @@ does too.
 - What a connection's responses write in one event-loop turn leaves in one send: uvicorn
   writes a head and its body apart, and each send costs a system call and a wake-up of the
   client (measured: 10% of a push's CPU).
+- A GET request's scope offers the ASGI extension `ema.write_now` (read with `write_now_of`):
+  the event hub writes a batch of updates to each waiting subscriber's response at once,
+  rather than wake a task per subscriber to `send` it.
 """
 
 import asyncio
 import json
+from collections.abc import Callable
 from functools import cache
 from http import HTTPStatus
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import Scope
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from app.errors import PROBLEM_JSON
 from app.settings import Settings
@@ -84,6 +89,29 @@ class _TurnWrites:
         return getattr(self._transport, name)
 
 
+WriteNow = Callable[[bytes], bool]
+"""The `ema.write_now` extension's "write": writes `body` as the next chunk of a started
+chunked response without awaiting, and says so; False (nothing written) once the response is
+complete or the client gone, or while the transport is over its high-water mark: the caller
+then goes through the ASGI `send`, which waits for the transport to drain."""
+
+
+def _write_now(cycle: RequestResponseCycle) -> WriteNow:
+    def write_now(body: bytes) -> bool:
+        if (
+            cycle.disconnected
+            or cycle.response_complete
+            or not cycle.chunked_encoding  # also None: the response has not started
+            or cycle.flow.write_paused
+        ):
+            return False
+        # As uvicorn frames a chunk (RequestResponseCycle.send).
+        cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return True
+
+    return write_now
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
     """HttpToolsProtocol with a bound on the request head's size and on a request's time."""
 
@@ -130,6 +158,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, self._too_large())
             return
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope and self.scope["method"] == "GET":
+            extension: dict[object, object] = {"write": _write_now(cycle)}
+            self.scope.setdefault("extensions", {})["ema.write_now"] = extension
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -179,3 +211,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 cycle.message_event.set()
             self.transport.write(_problem(status, detail))
         self.transport.close()
+
+
+def write_now_of(scope: Scope) -> WriteNow | None:
+    """The `ema.write_now` extension's writer, if the server offers it (see WriteNow)."""
+    extension = scope.get("extensions", {}).get("ema.write_now")
+    return None if extension is None else extension["write"]

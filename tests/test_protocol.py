@@ -3,6 +3,7 @@ too slow to send its request (slowloris, a body that never comes, nothing at all
 its connection closed; well-behaved keep-alive connections and event streams are untouched.
 And a response's head and body leave in one write, whole and in order."""
 
+import asyncio
 import socket
 import struct
 import sys
@@ -12,7 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
 
+from app.protocol import BoundedHttpProtocol, write_now_of
+from tests.redis_server import free_port
 from tests.service import ServiceProcess
 
 TIMEOUT = 1.0  # EMA_REQUEST_TIMEOUT for these tests
@@ -212,3 +217,72 @@ def test_a_response_before_close_arrives_whole(service: ServiceProcess) -> None:
     assert status(response) == 200
     assert b"connection: close" in head.lower()
     assert httpx.Response(200, content=body).json()["status"] == "ok"
+
+
+@pytest.mark.anyio
+async def test_write_now_writes_chunks_of_a_started_response_while_the_client_keeps_up() -> None:
+    taken: dict[str, object] = {}
+    chunk = b"." * 65536
+    declined = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        write_now = write_now_of(scope)
+        if scope["method"] != "GET":
+            taken["POST"] = write_now
+            await send({"type": "http.response.start", "status": 204})
+            await send({"type": "http.response.body"})
+            return
+        assert write_now is not None
+        taken["before the head"] = write_now(b"early")
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        await send(start)  # no content-length: chunked
+        taken["first"] = write_now(b"first")
+        # The client no longer reads: what the kernel does not take piles up in the
+        # transport, until it is over its high-water mark and write_now declines.
+        written = 0
+        while written < 1024 and write_now(chunk):  # 64 MB at most
+            written += 1
+            await asyncio.sleep(0)  # the turn ends: what was written goes to the transport
+        taken["written"] = written
+        declined.set()
+        await send({"type": "http.response.body", "body": b"last", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        taken["after the end"] = write_now(b"late")
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, port=port, http=BoundedHttpProtocol, lifespan="off", log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(1000):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 204")
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"transfer-encoding: chunked" in head.lower()
+            assert await reader.readexactly(len(b"5\r\nfirst\r\n")) == b"5\r\nfirst\r\n"
+            await asyncio.wait_for(declined.wait(), 10)  # reading nothing meanwhile
+            body = b""
+            while not body.endswith(b"0\r\n\r\n"):
+                body += await asyncio.wait_for(reader.read(2**20), 10)
+        finally:
+            writer.close()
+    finally:
+        server.should_exit = True
+        await serving
+    assert taken["POST"] is None  # offered to GET requests only
+    assert taken["before the head"] is False
+    assert taken["first"] is True
+    written = taken["written"]
+    assert isinstance(written, int)
+    # Bounded: the kernel's buffers (a few MB on loopback) and the transport's high-water mark.
+    assert 0 < written < 1024
+    assert body == b"10000\r\n%s\r\n" % chunk * written + b"4\r\nlast\r\n0\r\n\r\n"
+    assert taken["after the end"] is False
