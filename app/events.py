@@ -6,7 +6,9 @@ The updates of one channel (or pattern) are gathered for all of its subscribers 
 is rendered once, and those that arrive within one write interval (25 ms) are joined into one
 batch, whose bytes every subscriber of the channel writes as they are, in one write. So a push
 costs the process the same whatever the number of subscribers; each subscriber costs at most one
-write per interval. An update after a quiet spell still goes at once.
+write per interval. An update after a quiet spell still goes at once. Where the server offers
+it (app.protocol's `ema.write_now`), a batch is written to each subscriber that waits for one
+right away, by the hub, without waking the subscriber's task.
 
 A subscriber has a bounded queue: a slow one never slows pushes or other subscribers. When its
 queue is full it loses the oldest updates and is told how many (a `lagged` event) rather than
@@ -17,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
@@ -149,20 +151,43 @@ class UpdateQueue(asyncio.Queue[Item]):
 
 @dataclass(eq=False)
 class Subscription:
-    """One subscriber's queue of batches of updates for one channel or pattern."""
+    """One subscriber's queue of batches of updates for one channel or pattern; or, while its
+    reader waits with nothing queued, its response itself (`write_now`)."""
 
     topic: str
     is_pattern: bool
     queue_size: int
     updates: UpdateQueue = field(default_factory=UpdateQueue)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Writes a batch's bytes to the subscriber's response at once, if it can (app.protocol's
+    # `ema.write_now`), from when the response has started; None: every batch is queued.
+    write_now: Callable[[bytes], bool] | None = None
+    # The highest count already sent from the stream's history: the reader checks the updates
+    # up to it, which it must not send again.
+    replayed: int = -1
     # The heartbeat: one timer per heartbeat interval, not one per wait (a wait per write).
     _alarm: asyncio.TimerHandle | None = field(default=None, repr=False)
     _waiting_since: float | None = field(default=None, repr=False)
+    # The reader waits with nothing queued: a batch may go straight to the response.
+    _direct: bool = field(default=False, repr=False)
+
+    def deliver(self, batch: Batch, now: float) -> None:
+        """Write `batch` to the response now if the reader waits for it and the response takes
+        it without waiting (as the reader would write it); else queue it (`offer`)."""
+        if (
+            self._direct
+            and batch.lowest > self.replayed
+            and self.write_now is not None
+            and self.write_now(batch.events if self.is_pattern else batch.events_with_ids)
+        ):
+            self._waiting_since = now  # the heartbeat is due that much later
+            return
+        self.offer(batch)
 
     def offer(self, item: Batch | Lagged) -> None:
         """Queue a batch; when the queue would hold more than `queue_size` updates, what it
         held is replaced by one Lagged counting the updates lost (a batch alone is never cut)."""
+        self._direct = False  # what comes next goes after it, through the reader
         held = self.updates.held
         if held and held + _size(item) > self.queue_size:
             missed: int | None = 0
@@ -186,7 +211,11 @@ class Subscription:
             self._waiting_since = now = loop.time()
             if self._alarm is None:
                 self._alarm = loop.call_at(now + within, self._ring, loop, within)
-            first = await self.updates.get()
+            self._direct = True
+            try:
+                first = await self.updates.get()
+            finally:
+                self._direct = False
             self._waiting_since = None
             if isinstance(first, _Beat):
                 return items
@@ -212,6 +241,7 @@ class Subscription:
     def close(self) -> None:
         """End the subscription: its reader gets None after what is queued."""
         self.ready.set()
+        self._direct = False
         self.updates.put_nowait(None)
 
 
@@ -244,9 +274,9 @@ class _Topic:
             update.render(self.replies)
         batch = Batch(self.pending)
         self.pending = []
-        self.flushed = self.loop.time()
+        self.flushed = now = self.loop.time()
         for subscription in self.subscriptions:
-            subscription.offer(batch)
+            subscription.deliver(batch, now)
 
 
 class SubscriptionLimit(Exception):

@@ -1,7 +1,9 @@
 """Subscriptions over Server-Sent Events, through real service processes sharing one Redis."""
 
 import asyncio
+import re
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,6 +189,88 @@ async def test_a_waiting_subscriber_gets_its_heartbeat_and_then_what_comes() -> 
     assert subscription.updates.held == 0
 
 
+class Response:
+    """A response as `ema.write_now` sees it: takes what is written while `open`."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.open = True
+
+    def write_now(self, body: bytes) -> bool:
+        if self.open:
+            self.written.append(body)
+        return self.open
+
+
+async def waiting(subscription: Subscription) -> "asyncio.Task[list[Batch | Lagged | None]]":
+    """The subscription's reader, waiting in `take` for what comes."""
+    reader = asyncio.create_task(subscription.take(5))
+    await asyncio.sleep(0)
+    assert not reader.done()
+    return reader
+
+
+@pytest.mark.anyio
+async def test_a_batch_goes_straight_to_the_response_of_a_waiting_reader() -> None:
+    response, pattern_response = Response(), Response()
+    subscription = Subscription("topic", False, 3, write_now=response.write_now)
+    pattern = Subscription("topic*", True, 3, write_now=pattern_response.write_now)
+    readers = [await waiting(subscription), await waiting(pattern)]
+    first, second = batch(1, 2), batch(3)
+    for item in (first, second):
+        subscription.deliver(item, 0.0)
+        pattern.deliver(item, 0.0)
+    # Written as the reader would write them (with ids for a stream's subscriber, without for
+    # a prefix's), by the hub; the readers still wait, with nothing queued.
+    assert response.written == [first.events_with_ids, second.events_with_ids]
+    assert pattern_response.written == [first.events, second.events]
+    assert subscription.updates.empty()
+    assert pattern.updates.empty()
+    await asyncio.sleep(0.01)
+    assert not any(reader.done() for reader in readers)
+    for reader in readers:
+        reader.cancel()
+
+
+@pytest.mark.anyio
+async def test_what_a_response_does_not_take_goes_through_the_reader_in_order() -> None:
+    response = Response()
+    subscription = Subscription("topic", False, 10, write_now=response.write_now)
+    reader = await waiting(subscription)
+    response.open = False  # over its high-water mark, say
+    first, second = batch(1), batch(2)
+    subscription.deliver(first, 0.0)
+    response.open = True
+    subscription.deliver(second, 0.0)  # after `first`: queued behind it, not written
+    assert response.written == []
+    assert await reader == [first, second]
+
+
+@pytest.mark.anyio
+async def test_a_busy_reader_gets_its_batches_queued() -> None:
+    response = Response()
+    subscription = Subscription("topic", False, 10, write_now=response.write_now)
+    subscription.deliver(batch(1), 0.0)  # nobody waits in take: the reader is writing
+    assert response.written == []
+    assert [item.lowest for item in await subscription.take(5)] == [1]  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_updates_already_replayed_go_through_the_reader() -> None:
+    # The reader drops what it replayed from the history; the hub does not know which.
+    response = Response()
+    subscription = Subscription("topic", False, 10, write_now=response.write_now)
+    subscription.replayed = 5
+    reader = await waiting(subscription)
+    subscription.deliver(batch(5, 6), 0.0)
+    assert response.written == []
+    assert [item.lowest for item in await reader] == [5]  # type: ignore[union-attr]
+    reader = await waiting(subscription)
+    subscription.deliver(batch(7), 0.0)
+    assert response.written == [batch(7).events_with_ids]
+    reader.cancel()
+
+
 @pytest.mark.anyio
 async def test_the_subscribers_of_a_stream_share_its_batches(
     redis_server: RedisServer, redis_client: "redis.Redis"
@@ -349,3 +433,35 @@ async def _never() -> Message:
 
 async def _closed(message: Message) -> None:
     raise OSError("the client went away")
+
+
+def test_a_subscriber_that_stops_reading_is_told_what_it_lost_and_pushes_go_on(
+    tmp_path: Path, redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    pushes = 10_000
+    env = {"REDIS_URL": redis_server.url, "EMA_KEY_PREFIX": "test:", "EMA_WORKERS": "1"}
+    with (
+        ServiceProcess(tmp_path, **env, EMA_SUBSCRIBER_QUEUE="10") as service,
+        socket.socket() as sock,
+    ):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", service.port))
+        sock.sendall(b"GET /v1/streams/slow/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b": subscribed" not in received:
+            received += sock.recv(65536)
+        # It reads nothing more: what the kernel and the transport do not hold is queued for
+        # it, up to 10 updates, and the pushes are answered all the same.
+        with httpx.Client(base_url=service.url, timeout=30) as http:
+            for _ in range(pushes // 1000):  # each entry is a push of its own, announced
+                entries = [{"stream": "slow", "value": i} for i in range(1000)]
+                response = http.post("/v1/values", json={"entries": entries})
+                assert response.status_code == 200
+        while f"id: {pushes}\n".encode() not in received:
+            received += sock.recv(65536)
+    ids = [int(i) for i in re.findall(rb"^id: (\d+)$", received, re.MULTILINE)]
+    missed = [int(m) for m in re.findall(rb'^data: {"missed": (\d+)}$', received, re.MULTILINE)]
+    assert missed  # told, with how many
+    assert ids == sorted(set(ids))
+    assert len(ids) + sum(missed) == pushes  # every update either arrived or was counted lost

@@ -14,6 +14,7 @@ from app.errors import StoreUnavailable, StreamNotFound, problem_responses
 from app.events import EventHub, Lagged, Subscription, SubscriptionLimit
 from app.keys import NAME_MAX_LENGTH
 from app.models import MAX_COUNT
+from app.protocol import write_now_of
 from app.store import StreamStore
 
 router = APIRouter(tags=["events"])
@@ -82,12 +83,11 @@ async def _follow(
         except TimeoutError:
             yield b": waiting for Redis\n\n"
     yield b": subscribed\n\n"
-    seen = -1
     if replay is not None:
         try:
             async for text, replayed in replay:
                 yield text
-                seen = replayed
+                subscription.replayed = replayed
         except StoreUnavailable:
             yield _lagged(None)
     while True:
@@ -104,14 +104,15 @@ async def _follow(
                 return
             if isinstance(item, Lagged):
                 chunk.append(_lagged(item.missed))
-            elif item.lowest > seen:
+            elif item.lowest > subscription.replayed:
                 chunk.append(item.events_with_ids if with_ids else item.events)
             else:
                 for update in item.updates:
-                    if update.count > seen or update.count == 0:
-                        # Counts at most `seen` were replayed already; but a count of 0
+                    if update.count > subscription.replayed or update.count == 0:
+                        # Counts up to the last replayed were sent already; but a count of 0
                         # announces a reset (PUT), after which the counts start over.
-                        seen = -1 if update.count == 0 else seen
+                        if update.count == 0:
+                            subscription.replayed = -1
                         chunk.append(update.event_with_id if with_ids else update.event)
         if chunk:
             yield chunk[0] if len(chunk) == 1 else b"".join(chunk)
@@ -129,6 +130,8 @@ class _EventStream(StreamingResponse):
         self._subscription = subscription
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The hub writes straight to the response where the server lets it (app.protocol).
+        self._subscription.write_now = write_now_of(scope)
         try:
             await super().__call__(scope, receive, send)
         finally:
