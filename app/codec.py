@@ -6,7 +6,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 
 from pydantic_core import to_json
 
@@ -128,7 +128,8 @@ def state_numbers(fields: Mapping[str, str | bytes]) -> dict[str, float]:
 
 
 def _layout_of(fields: Mapping[str, str | bytes]) -> _Layout:
-    return _layout(tuple(cast(str | None, fields.get(field)) for field in _CONFIG_FIELDS))
+    # map, not a generator: a third of the time, on every state rendered
+    return _layout(tuple(map(fields.get, _CONFIG_FIELDS)))
 
 
 def _numbers(fields: Mapping[str, str | bytes], layout: _Layout) -> dict[str, float]:
