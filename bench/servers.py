@@ -68,6 +68,11 @@ class Group:
         """User + system CPU of every live process in the group (workers included)."""
         return _group_cpu_seconds(self.pgid)
 
+    def connections(self, port: int) -> list[int]:
+        """The established connections to `port` that each process of the group holds (the
+        processes holding any), most first: how uvicorn's workers shared the clients."""
+        return _connections_by_process(self.pgid, port)
+
     def stop(self, timeout: float = 10.0) -> None:
         stop_all([self], timeout)
 
@@ -218,8 +223,10 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _group_cpu_seconds(pgid: int) -> float:
-    ticks = 0
+def _group_stats(pgid: int) -> dict[int, list[str]]:
+    """The /proc stat fields after the command of every process in the group, by pid: field 3
+    (state) is [0], so pgrp (5) is [2], utime (14) [11] and stime (15) [12]."""
+    stats = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -227,9 +234,45 @@ def _group_cpu_seconds(pgid: int) -> float:
             stat = Path(entry.path, "stat").read_text()
         except OSError:
             continue
-        # Fields after the command, which is in parentheses and may hold spaces: field 3 (state)
-        # is rest[0], so pgrp (5) is rest[2], utime (14) rest[11] and stime (15) rest[12].
+        # The command is in parentheses and may hold spaces.
         rest = stat[stat.rindex(")") + 2 :].split()
         if int(rest[2]) == pgid:
-            ticks += int(rest[11]) + int(rest[12])
+            stats[int(entry.name)] = rest
+    return stats
+
+
+def _group_cpu_seconds(pgid: int) -> float:
+    ticks = sum(int(rest[11]) + int(rest[12]) for rest in _group_stats(pgid).values())
     return ticks / _TICKS_PER_SECOND
+
+
+def _connections_by_process(pgid: int, port: int) -> list[int]:
+    """How many established TCP connections to `port` each process of the group holds, most
+    first (from /proc/net/tcp and each process's open sockets)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port, state, inode = (
+                    int(fields[1].rsplit(":", 1)[1], 16),
+                    fields[3],
+                    fields[9],
+                )
+                if local_port == port and state == "01":  # ESTABLISHED
+                    inodes.add(f"socket:[{inode}]")
+    counts = []
+    for pid in _group_stats(pgid):
+        with contextlib.suppress(OSError):
+            fds = os.scandir(f"/proc/{pid}/fd")
+            held = sum(1 for fd in fds if _readlink(fd.path) in inodes)
+            if held:
+                counts.append(held)
+    return sorted(counts, reverse=True)
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""

@@ -2,10 +2,12 @@
 pushed streams) as a ratio to none, measured in interleaved rounds, and the delay from push to
 delivery.
 
-The subscribers run in a child process of their own (`python bench/subscribers.py URL NAMES N`):
-N plain HTTP/1.1 connections on one asyncio loop, each on `GET /v1/streams/<name>/events`. It
-prints `ready` once every connection has its `: subscribed` comment, reads until its standard
-input closes, then prints one JSON line: events received, `lagged` events, and the delays.
+The subscribers run in a child process of their own (`python bench/subscribers.py URL NAMES N
+REPORT`): N plain HTTP/1.1 connections on one asyncio loop, each on
+`GET /v1/streams/<name>/events`. It prints `ready` once every connection has its `: subscribed`
+comment, reads until its standard input closes, then writes the file REPORT, in JSON: events
+received, `lagged` events, and the delays. (A file: a report of a few hundred kB printed to a
+pipe once arrived cut at 64 KiB.)
 
 The delay of an update is the subscriber's clock when the update arrives minus the update's
 `updated_at`, which is Redis' TIME when the push script applied it: both clocks are this
@@ -27,6 +29,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -130,9 +133,10 @@ async def _subscribers(url: str, names: list[str], count: int) -> Tally:
 
 
 def subscriber_main(argv: Sequence[str]) -> None:
-    url, names, count = argv[0], argv[1].split(","), int(argv[2])
+    url, names, count, report = argv[0], argv[1].split(","), int(argv[2]), Path(argv[3])
     tally = uvloop.run(_subscribers(url, names, count))
-    print(json.dumps({"events": tally.events, "lagged": tally.lagged, "delays": tally.delays}))
+    figures = {"events": tally.events, "lagged": tally.lagged, "delays": tally.delays}
+    report.write_text(json.dumps(figures))
 
 
 # --- driving it from bench/run.py -------------------------------------------------------------
@@ -142,8 +146,11 @@ class SubscriberProcess:
     """The child process holding `count` event streams open, spread over `names`."""
 
     def __init__(self, url: str, names: Sequence[str], count: int) -> None:
+        descriptor, report = tempfile.mkstemp(prefix="subscribers-", suffix=".json")
+        os.close(descriptor)
+        self.report = Path(report)
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__)), url, ",".join(names), str(count)],
+            [sys.executable, str(Path(__file__)), url, ",".join(names), str(count), report],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -164,11 +171,11 @@ class SubscriberProcess:
 
     def finish(self) -> Tally:
         assert self.process.stdin is not None
-        assert self.process.stdout is not None
         cpu, seconds = self.cpu_seconds() - self.cpu_before, time.monotonic() - self.started
         self.process.stdin.close()
-        report = json.loads(self.process.stdout.readline())
-        self.process.wait(10)
+        if self.process.wait(_DRAIN_LIMIT + 10) != 0:
+            raise BenchError(f"the subscriber process failed ({self.process.returncode})")
+        report = json.loads(self.report.read_text())
         tally = Tally(report["events"], report["lagged"], report["delays"])
         tally.cpu_seconds, tally.seconds = cpu, seconds
         return tally
@@ -177,6 +184,7 @@ class SubscriberProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self.report.unlink(missing_ok=True)
 
 
 @dataclass
@@ -186,6 +194,9 @@ class SubscriberFigures:
     without: list[Result] = field(default_factory=list)
     with_subscribers: list[Result] = field(default_factory=list)
     tallies: list[Tally] = field(default_factory=list)
+    # Per round, how many subscribers each worker held: every worker with a subscriber of a
+    # stream hears and renders all of its updates, so an even share costs the most.
+    shares: list[list[int]] = field(default_factory=list)
     paced: Result | None = None
     paced_tally: Tally | None = None
     cpu_without: float = 0.0  # the service's CPU seconds over the rounds, all its processes
@@ -204,6 +215,7 @@ class SubscriberFigures:
         events = sum(tally.events for tally in self.tallies)
         lagged = sum(tally.lagged for tally in self.tallies)
         pushes = sum(r.calls for r in self.with_subscribers)
+        shares = "; ".join(" / ".join(map(str, share)) for share in self.shares)
 
         def rates(results: list[Result]) -> str:
             return ", ".join(f"{r.calls_per_second:,.0f}" for r in results)
@@ -226,6 +238,8 @@ class SubscriberFigures:
             f"| updates delivered per push (expected {self.subscribers / self.streams:.2f}) | "
             f"{events / max(pushes, 1):.2f} |",
             f"| `lagged` events (a subscriber fell behind) | {lagged} |",
+            f"| subscribers per worker, per round (uvicorn's workers share the connections as "
+            f"the kernel hands them out) | {shares} |",
             f"| CPU of the subscriber process (it shares the machine), % of one core | "
             f"{_cpu(self.tallies):.0%} |",
             f"| push to delivery p50 / p99 / max ms (the oldest update of each read), pushing "
@@ -282,6 +296,7 @@ def measure(
         reset()
         subscribers = SubscriberProcess(server.url, names, count)
         try:
+            figures.shares.append(server.connections(server.port))
             before = server.cpu_seconds()
             figures.with_subscribers.append(push())
             tally = subscribers.finish()  # waits for the updates still on their way
