@@ -103,11 +103,12 @@ async def _subscribers(url: str, names: list[str], count: int) -> Tally:
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     tally = Tally()
     ready: asyncio.Queue[str] = asyncio.Queue()
-    tasks = [
-        asyncio.create_task(_subscribe(host, port, names[i % len(names)], tally, ready))
-        for i in range(count)
-    ]
-    for _ in range(count):
+    # One after another, as subscribers arriving over time do: opened all at once, most land
+    # on whichever worker wakes first, and fewer workers hear each stream.
+    tasks: list[asyncio.Task[None]] = []
+    for i in range(count):
+        subscriber = _subscribe(host, port, names[i % len(names)], tally, ready)
+        tasks.append(asyncio.create_task(subscriber))
         getter = asyncio.ensure_future(ready.get())
         done, _ = await asyncio.wait(
             [getter, *tasks], timeout=_READY_TIMEOUT, return_when="FIRST_COMPLETED"
