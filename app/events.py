@@ -174,14 +174,17 @@ class Subscription:
     def deliver(self, batch: Batch, now: float) -> None:
         """Write `batch` to the response now if the reader waits for it and the response takes
         it without waiting (as the reader would write it); else queue it (`offer`)."""
-        if (
-            self._direct
-            and batch.lowest > self.replayed
-            and self.write_now is not None
-            and self.write_now(batch.events if self.is_pattern else batch.events_with_ids)
-        ):
-            self._waiting_since = now  # the heartbeat is due that much later
-            return
+        if self._direct and batch.lowest > self.replayed and self.write_now is not None:
+            try:
+                written = self.write_now(batch.events if self.is_pattern else batch.events_with_ids)
+            except Exception:
+                # A server that breaks the extension's promise must not cost the other
+                # subscribers of the batch their update: this one is served by its reader.
+                log.exception("an event batch could not be written at once; queued instead")
+                self.write_now, written = None, False
+            if written:
+                self._waiting_since = now  # the heartbeat is due that much later
+                return
         self.offer(batch)
 
     def offer(self, item: Batch | Lagged) -> None:

@@ -247,6 +247,22 @@ async def test_what_a_response_does_not_take_goes_through_the_reader_in_order() 
 
 
 @pytest.mark.anyio
+async def test_a_response_that_fails_to_write_leaves_its_batches_to_the_reader(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(body: bytes) -> bool:
+        raise AttributeError("a server that changed under us")
+
+    subscription = Subscription("topic", False, 10, write_now=broken)
+    reader = await waiting(subscription)
+    first = batch(1)
+    subscription.deliver(first, 0.0)  # raises nothing: the reader gets it
+    assert await reader == [first]
+    assert subscription.write_now is None  # and writes every batch from now on
+    assert "could not be written at once" in caplog.text
+
+
+@pytest.mark.anyio
 async def test_a_busy_reader_gets_its_batches_queued() -> None:
     response = Response()
     subscription = Subscription("topic", False, 10, write_now=response.write_now)
