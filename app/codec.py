@@ -3,9 +3,9 @@ in app/lua/push.lua, the script that writes them."""
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 from pydantic_core import to_json
@@ -140,17 +140,31 @@ def _numbers(fields: Mapping[str, str | bytes], layout: _Layout) -> dict[str, fl
     packed = fields.get("s")
     if packed is None:
         return _text_numbers(fields, layout)
-    chunks = [packed]
-    while (chunk := fields.get(f"s{len(chunks)}")) is not None:
-        chunks.append(chunk)
-    data = b"".join(
-        c if isinstance(c, bytes) else c.encode("utf-8", "surrogateescape") for c in chunks
-    )
-    numbers = dict(zip(layout.packed, struct.unpack(f"<{len(data) // 8}d", data), strict=False))
+    data = _bytes(packed)
+    for name in _CHUNKS:
+        chunk = fields.get(name)
+        if chunk is None:
+            break
+        data += _bytes(chunk)
+    numbers = dict(zip(layout.packed, _doubles(len(data) // 8)(data), strict=False))
     # left out when they equal their default (and every one after them does)
     numbers.setdefault("u", 1.0 if layout.decay is None else layout.decay)
     numbers.setdefault("E", numbers["t"])
     return numbers
+
+
+# The names of the packed state's chunks after `s` (push.lua writes at most 64 bytes a chunk).
+_CHUNKS = tuple(f"s{index}" for index in range(1, 64))
+
+
+def _bytes(chunk: str | bytes) -> bytes:
+    return chunk if isinstance(chunk, bytes) else chunk.encode("utf-8", "surrogateescape")
+
+
+@cache
+def _doubles(count: int) -> Callable[[bytes], tuple[float, ...]]:
+    """Unpacks `count` little-endian doubles: the format parsed once per count."""
+    return struct.Struct(f"<{count}d").unpack
 
 
 def _text_numbers(fields: Mapping[str, str | bytes], layout: _Layout) -> dict[str, float]:
