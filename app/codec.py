@@ -3,7 +3,7 @@ in app/lua/push.lua, the script that writes them."""
 
 import math
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
@@ -16,6 +16,14 @@ from app.models import HistoryEntry, StreamConfig, StreamState, Window, WindowSt
 def number(x: float) -> str:
     """The shortest decimal that reads back as exactly `x` (Lua's tonumber is strtod)."""
     return repr(x)
+
+
+def numbers(xs: Sequence[float]) -> list[str]:
+    """`[number(x) for x in xs]` in digits, in a third of its time for many: pydantic-core's
+    float formatting (ryu) also finds the shortest digits that read back exactly, written in
+    forms strtod reads ("1e+16"; "1e-7" and "0.000027" where repr has "1e-07" and "2.7e-05").
+    Finite numbers only."""
+    return to_json(xs).decode()[1:-1].split(",") if xs else []
 
 
 def float32(x: float) -> float:

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from tests.redis_server import RedisServer
+from tests.reference import ReferenceEma
 from tests.utils import SINGLE_AND_CLUSTER, make_settings, serve
 
 # Every test runs on a single Redis and on a Redis Cluster.
@@ -33,6 +34,26 @@ async def test_put_creates_then_replaces_and_resets(client: httpx.AsyncClient) -
     assert replaced.status_code == 200
     state = replaced.json()
     assert (state["value"], state["count"], state["config"]["initial"]) == (None, 0, None)
+
+
+async def test_a_batch_applies_as_its_values_pushed_one_by_one(client: httpx.AsyncClient) -> None:
+    # A batch's arguments are built by column (codec.numbers), a single push's one by one.
+    values = [5e-324, -0.0, 1e150, -2.5e149, 0.1, 1 / 3, 2**53 + 1.0, 1e16, 1e-7, 123.456]
+    steps = [None, 3, None, 10_000, None, None, 7, None, None, 1]
+    samples = [
+        {"value": v} if n is None else {"value": v, "num_updates": n}
+        for v, n in zip(values, steps, strict=True)
+    ]
+    reference = ReferenceEma(0.99, 0.0)
+    for name in ("batch", "single"):
+        await client.put(f"/v1/streams/{name}", json={"decay": 0.99, "initial": 0})
+    batch = (await client.post("/v1/streams/batch/values", json={"values": samples})).json()
+    for sample in samples:
+        single = (await client.post("/v1/streams/single/values", json=sample)).json()
+        reference.push(sample["value"], sample.get("num_updates"))
+    same = ("value", "debiased", "count", "last", "decay_used", "variance", "std", "z")
+    assert {k: batch[k] for k in same} == {k: single[k] for k in same}
+    assert (batch["value"], batch["last"]) == (reference.shadow, 123.456)
 
 
 async def test_put_accepts_curl_default_form_content_type(client: httpx.AsyncClient) -> None:

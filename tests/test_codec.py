@@ -1,10 +1,18 @@
 """The hot paths' JSON (codec.state_json, built without the models) is the models' JSON."""
 
+import struct
+
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from app.codec import RecentReplies, config_fields, state_from_fields, state_json
+from app import codec
+from app.codec import (
+    RecentReplies,
+    config_fields,
+    state_from_fields,
+    state_json,
+)
 from app.models import StreamConfig
 
 numbers = st.floats(allow_nan=False, width=64)  # infinities too: an overflowed sum
@@ -99,3 +107,10 @@ def test_recent_replies_are_kept_only_while_wanted_and_only_the_newest() -> None
     assert replies.take("s", "c") is None  # taken once
     replies.wanted = False
     assert len(replies) == 0
+
+
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=50))
+def test_numbers_are_decimals_that_read_back_bit_for_bit(xs: list[float]) -> None:
+    edges = [5e-324, -0.0, 0.0, 1e16, 1e-7, 1.7976931348623157e308, 2.2250738585072014e-308]
+    for x, text in zip(xs + edges, codec.numbers(xs + edges), strict=True):
+        assert struct.pack("<d", float(text)) == struct.pack("<d", x)  # bit for bit, -0.0 too
