@@ -1,6 +1,7 @@
 """The application factory. `app.main:app` is the ASGI app that uvicorn serves."""
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -188,10 +189,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         replies=app.state.store.replies,
     )
     hub.start()
+    # What the process holds once started (the framework, pydantic's validators and
+    # serialisers, the app, the clients) lives as long as it serves: kept out of the garbage
+    # collector's scans, which went over all of it again and again. Measured, one worker,
+    # alternated: 89 -> 79 us of CPU a push, 948 -> 766 a batch of 1,000 values.
+    gc.freeze()
     try:
         with _end_subscriptions_on_exit_signal(hub):
             yield
     finally:
+        gc.unfreeze()  # collectable again: several apps may start and stop in one process
         await hub.close()
         await client.aclose()
         app.state.metrics.close()

@@ -1,7 +1,9 @@
 """No process outlives its parent: `kill -9` of the supervisor (`python -m app`, or uvicorn with
 workers) ends its workers and the embedded redis-server within a second; and one embedded
-redis-server per data folder, whatever starts the app."""
+redis-server per data folder, whatever starts the app. And while the app serves, what it holds
+from its start is kept out of the garbage collector's scans."""
 
+import gc
 import os
 import signal
 import socket
@@ -12,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.redis_server import free_port
+from tests.redis_server import RedisServer, free_port
 from tests.service import ServiceProcess
+from tests.utils import make_settings, running
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux prctl")
 
@@ -122,3 +125,13 @@ def test_uvicorn_workers_share_one_embedded_redis_and_end_with_uvicorn(tmp_path:
         supervisor.kill()
         supervisor.wait()
         assert_all_end_within_a_second(service.port, list(below))
+
+
+@pytest.mark.anyio
+async def test_the_started_app_is_out_of_the_collectors_scans_until_it_stops(
+    redis_server: RedisServer,
+) -> None:
+    assert gc.get_freeze_count() == 0
+    async with running(make_settings(redis_server.url)):
+        assert gc.get_freeze_count() > 10_000  # the framework, the app, its clients
+    assert gc.get_freeze_count() == 0  # all of it collectable again
