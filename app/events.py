@@ -30,7 +30,6 @@ from redis.asyncio.connection import AbstractConnection
 
 from app.codec import RecentReplies, decode_fields, state_json
 from app.keys import KeyLayout
-from app.models import StreamState
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +58,6 @@ class Update:
         self.data = b""
         self._event: bytes | None = None
         self._event_with_id: bytes | None = None
-
-    @classmethod
-    def of(cls, state: StreamState) -> "Update":
-        update = cls(state.name)
-        update.count, update.data = state.count, state.model_dump_json().encode()
-        return update
 
     def render(self, replies: RecentReplies | None) -> None:
         """Read the announcement, once."""

@@ -135,12 +135,13 @@ def test_sigterm_ends_subscriptions_cleanly(
 
 def state(count: int) -> Update:
     config = StreamConfig(decay=0.5)
-    return Update.of(
-        StreamState(
-            name="s", value=1.0, debiased=1.0, count=count, last=1.0, decay_used=0.5,
-            updated_at=0.0, config=config,
-        )
+    state = StreamState(
+        name="s", value=1.0, debiased=1.0, count=count, last=1.0, decay_used=0.5,
+        updated_at=0.0, config=config,
     )  # fmt: skip
+    update = Update(state.name)
+    update.count, update.data = state.count, state.model_dump_json().encode()
+    return update
 
 
 def batch(*counts: int) -> Batch:
