@@ -1,8 +1,9 @@
 """Request and response bodies: the API's contract, and its OpenAPI documentation."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Self
+from itertools import repeat
+from typing import Annotated, Any, Literal, Self, cast
 
 from pydantic import (
     BaseModel,
@@ -266,6 +267,29 @@ Timestamp = Annotated[float, Field(ge=0, le=2**32)]
 Triple = tuple[float, int | None, float | None]
 
 
+@dataclass(slots=True)  # not frozen: that costs a single push 0.3 us more to build
+class Samples:
+    """Samples to apply in order, by column: their values, num_updates and timestamps. A column
+    no sample has is None, so that a batch of plain numbers is its list of values, as validated,
+    with no per-sample work before it is formatted for push.lua."""
+
+    values: Sequence[float]
+    num_updates: Sequence[int | None] | None = None
+    timestamps: Sequence[float | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __iter__(self) -> Iterator[Triple]:
+        """The samples as (value, num_updates, timestamp) triples."""
+        return zip(
+            self.values,
+            repeat(None) if self.num_updates is None else self.num_updates,
+            repeat(None) if self.timestamps is None else self.timestamps,
+            strict=False,  # a column of None is endless
+        )
+
+
 class Sample(Model):
     """One value to apply, optionally with TensorFlow's num_updates and a timestamp."""
 
@@ -323,16 +347,18 @@ class Push(Model):
             )
         return self
 
-    def samples(self) -> list[Triple]:
+    def samples(self) -> Samples:
         if self.values is None:
             assert self.value is not None
-            return [(self.value, self.num_updates, self.timestamp)]
-        return [
-            (item, None, None)
-            if isinstance(item, float)
-            else (item.value, item.num_updates, item.timestamp)
-            for item in self.values
-        ]
+            return Samples((self.value,), (self.num_updates,), (self.timestamp,))
+        values = self.values
+        if all(isinstance(item, float) for item in values):
+            return Samples(cast(list[float], values))
+        return Samples(
+            [item if isinstance(item, float) else item.value for item in values],
+            [None if isinstance(item, float) else item.num_updates for item in values],
+            [None if isinstance(item, float) else item.timestamp for item in values],
+        )
 
 
 class WindowState(BaseModel):

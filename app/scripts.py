@@ -9,16 +9,17 @@ same time (after a restart, a whole burst) share one load.
 """
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
+from itertools import repeat
 from typing import cast
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
 from app.codec import decode_fields, encode_fields, number, numbers
-from app.models import Triple
+from app.models import Samples
 from app.pipelining import CommandSender
 
 # From this many samples a push's arguments are built by column (codec.numbers): below it, the
@@ -73,13 +74,13 @@ class PushScript:
     def call(
         self,
         keys: tuple[str, str],
-        samples: Sequence[Triple],
+        samples: Samples,
         *,
         idempotency: Idempotency | None,
         channel: str | None,
     ) -> tuple[list[str], list[str]]:
-        """The KEYS and ARGV that apply `samples` (value, num_updates, timestamp) in order to the
-        stream whose hash and history are `keys`, announcing the update on `channel`."""
+        """The KEYS and ARGV that apply `samples` in order to the stream whose hash and history
+        are `keys`, announcing the update on `channel`."""
         args = [
             *self._create,
             idempotency.fingerprint if idempotency else "",
@@ -87,19 +88,22 @@ class PushScript:
             channel or "",
             self._max_clock_skew,
         ]
-        if len(samples) < _MANY:
-            for value, num_updates, timestamp in samples:
+        values, steps, times = samples.values, samples.num_updates, samples.timestamps
+        count = len(values)
+        if count < _MANY:
+            for value, num_updates, timestamp in zip(
+                values, steps or repeat(None), times or repeat(None), strict=False
+            ):
                 args.append(number(value))
                 args.append("" if num_updates is None else str(num_updates))
                 args.append("" if timestamp is None else number(timestamp))
         else:
             # By column: a batch's values formatted at once, its empty columns left as they are.
-            values, steps, times = zip(*samples, strict=True)
-            columns = [""] * (3 * len(samples))
+            columns = [""] * (3 * count)
             columns[0::3] = numbers(values)
-            if steps.count(None) != len(samples):
+            if steps is not None and steps.count(None) != count:
                 columns[1::3] = ["" if n is None else str(n) for n in steps]
-            if times.count(None) != len(samples):
+            if times is not None and times.count(None) != count:
                 columns[2::3] = ["" if t is None else number(t) for t in times]
             args += columns
         all_keys = [*keys, idempotency.key] if idempotency else list(keys)

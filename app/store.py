@@ -35,7 +35,7 @@ from app.codec import (
 )
 from app.errors import InvalidInput, LateSample, ServiceError, StoreUnavailable, StreamNotFound
 from app.keys import NAME_PATTERN, KeyLayout
-from app.models import HistoryPage, StreamConfig, StreamPage, StreamState, Triple
+from app.models import HistoryPage, Samples, StreamConfig, StreamPage, StreamState
 from app.pipelining import AutoPipeline, CommandSender
 from app.scripts import Idempotency, PushScript, is_replay, push_reply
 from app.settings import Settings
@@ -80,7 +80,7 @@ class PushRequest:
     """One entry of a bulk push: samples for one stream, and an optional idempotency key."""
 
     name: str
-    samples: Sequence[Triple]
+    samples: Samples
     idempotency_key: str | None = None
 
 
@@ -276,10 +276,10 @@ class StreamStore:
     async def push(
         self,
         name: str,
-        samples: Sequence[Triple],
+        samples: Samples,
         idempotency_key: str | None = None,
     ) -> tuple[StreamState, bool]:
-        """Apply samples (value, num_updates, timestamp) in order, atomically, creating the
+        """Apply samples in order, atomically, creating the
         stream if allowed. Returns the new state, and True when it is the stored result of an
         earlier push with the same idempotency key (which was not applied again)."""
         fields, replayed = push_reply(await self._push(name, samples, idempotency_key))
@@ -288,7 +288,7 @@ class StreamStore:
     async def push_state(
         self,
         name: str,
-        samples: Sequence[Triple],
+        samples: Samples,
         idempotency_key: str | None = None,
     ) -> tuple[bytes, bool]:
         """`push`, with the new state as its JSON (codec.state_json): what a push replies.
@@ -302,11 +302,12 @@ class StreamStore:
             self.replies.keep(name, reply, int(fields["n"]), json)
         return json, replayed
 
-    async def _push(self, name: str, samples: Sequence[Triple], idempotency_key: str | None) -> str:
+    async def _push(self, name: str, samples: Samples, idempotency_key: str | None) -> str:
         """The push script's reply to `push`. The batch is capped because a Lua script blocks
         every other client while it runs."""
-        if len(samples) > self._max_batch:
-            raise InvalidInput(f"values: at most {self._max_batch} per push, got {len(samples)}")
+        count = len(samples)
+        if count > self._max_batch:
+            raise InvalidInput(f"values: at most {self._max_batch} per push, got {count}")
         keys, args = self._push_call(name, samples, idempotency_key)
         started = time.perf_counter()
         try:
@@ -316,12 +317,10 @@ class StreamStore:
             if self._observer is not None:
                 self._observer.script_ran(time.perf_counter() - started)
         if self._observer is not None and not is_replay(reply):
-            self._observer.applied(len(samples))
+            self._observer.applied(count)
         return reply
 
-    def _push_call(
-        self, name: str, samples: Sequence[Triple], idempotency_key: str | None
-    ) -> PushCall:
+    def _push_call(self, name: str, samples: Samples, idempotency_key: str | None) -> PushCall:
         """The push script's KEYS and ARGV for a push to `name`; InvalidInput for a bad key."""
         idempotency = None
         if idempotency_key is not None:
@@ -690,7 +689,7 @@ def _error_kind(error: Exception) -> str:
     return "connection"
 
 
-def _fingerprint(samples: Sequence[Triple]) -> str:
+def _fingerprint(samples: Samples) -> str:
     # Of the parsed push, not its bytes: {"value": 5} and {"value": 5.0} are the same push.
     text = ";".join(f"{number(value)},{steps},{at}" for value, steps, at in samples)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -39,7 +39,7 @@ from servers import BenchError, CallgrindRedis, RedisServer, resp
 
 from app.codec import config_fields
 from app.keys import KeyLayout
-from app.models import StreamConfig, Triple, Window
+from app.models import Samples, StreamConfig, Window
 from app.scripts import PushScript
 
 STREAMS = 16
@@ -128,9 +128,9 @@ def measure(
         with client.pipeline(transaction=False) as pipe:
             for i in range(count):
                 name = names[i % STREAMS]
-                samples: list[Triple] = [(rng.uniform(0, 100), None, None) for _ in range(w.batch)]
+                samples = Samples([rng.uniform(0, 100) for _ in range(w.batch)])
                 if w.config is None:
-                    pipe.evalsha(minimal, 1, LAYOUT.stream(name), repr(samples[0][0]))
+                    pipe.evalsha(minimal, 1, LAYOUT.stream(name), repr(samples.values[0]))
                 else:
                     keys, args = scripts.call(
                         (LAYOUT.stream(name), LAYOUT.history(name)),
@@ -146,7 +146,7 @@ def measure(
     for name in names if w.prefill else ():
         keys, args = scripts.call(
             (LAYOUT.stream(name), LAYOUT.history(name)),
-            [(float(i), None, None) for i in range(w.prefill)],
+            Samples([float(i) for i in range(w.prefill)]),
             idempotency=None,
             channel=None,
         )
@@ -164,7 +164,7 @@ def bytes_per_stream(client: "redis.Redis", scripts: PushScript, count: int, wor
             name = f"s{index:012d}"
             keys, args = scripts.call(
                 (LAYOUT.stream(name), LAYOUT.history(name)),
-                [(1.5, None, None), (2.718281828459045, None, None), (0.1, None, None)],
+                Samples((1.5, 2.718281828459045, 0.1)),
                 idempotency=None,
                 channel=LAYOUT.channel(name),
             )

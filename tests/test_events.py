@@ -17,7 +17,7 @@ from starlette.types import Message
 from app.errors import StoreUnavailable
 from app.events import Batch, EventHub, Lagged, Subscription, Update
 from app.keys import KeyLayout
-from app.models import StreamConfig, StreamState
+from app.models import Samples, StreamConfig, StreamState
 from app.routes.events import _stream
 from tests.redis_server import RedisServer
 from tests.reference import ReferenceEma, exact_time_spread, z_score
@@ -320,11 +320,11 @@ async def test_an_update_this_process_pushed_is_not_rendered_again(
     async with running(make_settings(redis_server.url)) as (app, _):
         hub: EventHub = app.state.hub
         store = app.state.store
-        await store.push_state("a", [(1.0, None, None)])
+        await store.push_state("a", Samples((1.0,)))
         assert len(store.replies) == 0  # nobody listens: nothing kept
         async with hub.subscribe(name="a") as subscription:
             await asyncio.wait_for(subscription.ready.wait(), 5)
-            replies = [(await store.push_state("a", [(v, None, None)]))[0] for v in (2.0, 3.0)]
+            replies = [(await store.push_state("a", Samples((v,))))[0] for v in (2.0, 3.0)]
             updates: list[Update] = []
             while len(updates) < 2:
                 for item in await subscription.take(5):
