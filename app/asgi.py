@@ -183,7 +183,7 @@ class FastPaths:
         try:
             body = await _read_body(receive)
             try:
-                push = Push.model_validate_json(body)
+                push = Push.from_json(body)
             except ValidationError as error:
                 raise InvalidInput.from_validation(error.errors()) from None
             idempotency_key = _header(scope, b"idempotency-key")

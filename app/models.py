@@ -347,6 +347,19 @@ class Push(Model):
             )
         return self
 
+    @classmethod
+    def from_json(cls, body: bytes) -> "Push":
+        """`model_validate_json`, faster for a batch of plain numbers, the common case: a body
+        with no object in it is read with its values as list[float], where the discriminated
+        union costs a Python call per element, three times as much. What that refuses is read
+        again by the model itself, so that errors are the model's."""
+        if body.find(b"{", 1) < 0:
+            try:
+                return _PlainPush.model_validate_json(body)
+            except ValidationError:
+                pass
+        return cls.model_validate_json(body)
+
     def samples(self) -> Samples:
         if self.values is None:
             assert self.value is not None
@@ -359,6 +372,16 @@ class Push(Model):
             [None if isinstance(item, float) else item.num_updates for item in values],
             [None if isinstance(item, float) else item.timestamp for item in values],
         )
+
+
+class _PlainPush(Push):
+    """A push with no object among its values (Push.from_json)."""
+
+    # A narrower type than Push's: every such body reads alike with either.
+    values: Annotated[list[float], Field(min_length=1, fail_fast=True)] | None = None  # type: ignore[assignment]
+
+    def samples(self) -> Samples:
+        return Push.samples(self) if self.values is None else Samples(self.values)
 
 
 class WindowState(BaseModel):

@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
-from itertools import repeat
 from typing import cast
 
 from redis.asyncio import Redis, RedisCluster
@@ -91,9 +90,9 @@ class PushScript:
         values, steps, times = samples.values, samples.num_updates, samples.timestamps
         count = len(values)
         if count < _MANY:
-            for value, num_updates, timestamp in zip(
-                values, steps or repeat(None), times or repeat(None), strict=False
-            ):
+            for index, value in enumerate(values):
+                num_updates = steps[index] if steps else None
+                timestamp = times[index] if times else None
                 args.append(number(value))
                 args.append("" if num_updates is None else str(num_updates))
                 args.append("" if timestamp is None else number(timestamp))

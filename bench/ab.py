@@ -1,6 +1,6 @@
 """The service at another commit against this checkout's, by CPU per request, in one run.
 
-    .venv/bin/python bench/ab.py REF [--rounds N] [--duration SECONDS] [--subscribers N]
+    .venv/bin/python bench/ab.py REF [--rounds N] [--duration SECONDS] [--batch N] [--subscribers N]
 
 Checks REF out in a temporary git worktree, serves both (`python -m app` from each folder, one
 uvicorn worker each, with a metrics folder as several workers have) on one private redis-server
@@ -9,9 +9,10 @@ uvicorn worker each, with a metrics folder as several workers have) on one priva
 system time over its rounds ÷ the requests wrk counted) and median throughput, and the ratio
 before ÷ after by CPU: on a shared machine, the figure that noise changes least.
 
-With `--subscribers N`, a third workload pushes one value with N event streams open on each side
-(bench/subscribers.py, spread over the pushed streams, opened afresh each round), and each side's
-ratio with subscribers ÷ without, by throughput and by CPU, is printed too.
+With `--batch N`, a workload pushes batches of N values (bench/run.py's), and its CPU is per
+batch. With `--subscribers N`, a workload pushes one value with N event streams open on each
+side (bench/subscribers.py, spread over the pushed streams, opened afresh each round), and each
+side's ratio with subscribers ÷ without, by throughput and by CPU, is printed too.
 """
 
 import argparse
@@ -26,6 +27,7 @@ from pathlib import Path
 from harness import ROOT, load_line, markdown_table, progress, start_service
 from harness import main as run_bench
 from loadgen import WrkLoad
+from run import batch_values
 from servers import BenchError, HttpServer, RedisServer, stop_all
 from subscribers import SubscriberProcess
 
@@ -41,8 +43,11 @@ def main() -> int:
     parser.add_argument(
         "--subscribers", type=int, default=0, help="also push with N event streams open"
     )
+    parser.add_argument("--batch", type=int, default=0, help="also push batches of N values")
     args = parser.parse_args()
     workloads = list(WORKLOADS)
+    if args.batch:
+        workloads.insert(1, (f"push a batch of {args.batch:,}", "post.lua"))
     if args.subscribers:  # next to the push without subscribers: the ratio is of rounds close
         workloads.insert(1, (f"push 1 value, {args.subscribers} subscribers", "post.lua"))
 
@@ -75,6 +80,8 @@ def main() -> int:
             server.wait_ready()
         body = work / "body.json"
         body.write_text(json.dumps({"value": 1.5}))
+        batch = work / "batch.json"
+        batch.write_text(json.dumps({"values": batch_values(args.batch)}))
         wrk = WrkLoad(1, 32)
         for server in servers.values():  # the streams exist before the first GET
             wrk.run(server.url, "post.lua", [str(STREAMS), str(body)], 1)
@@ -82,7 +89,8 @@ def main() -> int:
         rows = []
         per_workload: dict[str, dict[str, tuple[float, float]]] = {}
         for workload, script in workloads:
-            script_args = [str(STREAMS), str(body)] if script == "post.lua" else [str(STREAMS)]
+            pushed = batch if "batch" in workload else body
+            script_args = [str(STREAMS), str(pushed)] if script == "post.lua" else [str(STREAMS)]
             cpu = dict.fromkeys(servers, 0.0)
             calls = dict.fromkeys(servers, 0)
             rates: dict[str, list[float]] = {label: [] for label in servers}
