@@ -1,6 +1,6 @@
 """Pushes with open subscribers: push throughput with N event streams open (spread over the
-pushed streams) as a ratio to none, measured in interleaved rounds, and the delay from push to
-delivery.
+pushed streams) as a ratio to none, measured in interleaved rounds (in turn without then with,
+and with then without), and the delay from push to delivery.
 
 The subscribers run in a child process of their own (`python bench/subscribers.py URL NAMES N
 REPORT`): N plain HTTP/1.1 connections on one asyncio loop, each on
@@ -44,6 +44,8 @@ _UPDATED_AT = re.compile(rb'"updated_at":([0-9.eE+-]+)')
 _READY_TIMEOUT = 30.0
 _QUIET = 0.5
 _DRAIN_LIMIT = 15.0
+# After the subscribers' process ends: the service closes their event streams meanwhile.
+SETTLE = 1.0
 
 
 # --- the subscriber process -------------------------------------------------------------------
@@ -288,12 +290,14 @@ def measure(
     """Rounds of pushes flat out without, then with, `count` subscribers on the pushed streams;
     then the delay to delivery with pushes at a steady, moderate rate."""
     figures = SubscriberFigures(count, len(names))
-    for round_ in range(1, rounds + 1):
-        progress(f"pushes with {count} subscribers: round {round_} of {rounds}")
+
+    def without() -> None:
         reset()
         before = server.cpu_seconds()
         figures.without.append(push())
         figures.cpu_without += server.cpu_seconds() - before
+
+    def with_subscribers() -> None:
         reset()
         subscribers = SubscriberProcess(server.url, names, count)
         try:
@@ -305,6 +309,14 @@ def measure(
             figures.tallies.append(tally)
         finally:
             subscribers.kill()
+        # The service lets go of the closed event streams before anything else is measured.
+        time.sleep(SETTLE)
+
+    for round_ in range(1, rounds + 1):
+        progress(f"pushes with {count} subscribers: round {round_} of {rounds}")
+        # Alternated, so that a drift of the machine's speed weighs on both figures alike.
+        for measure_one in (without, with_subscribers)[:: 1 if round_ % 2 else -1]:
+            measure_one()
         if not server.running():
             raise BenchError(f"the service died during the run:\n{server.log_tail()}")
     progress(f"paced pushes with {count} subscribers")
