@@ -21,8 +21,8 @@ from app.codec import decode_fields, encode_fields, number, numbers
 from app.models import Samples
 from app.pipelining import CommandSender
 
-# From this many samples a push's arguments are built by column (codec.numbers): below it, the
-# columns' set-up costs more than it saves.
+# From this many samples a push's values are formatted at once (codec.numbers): below it, that
+# costs more than it saves.
 _MANY = 8
 
 
@@ -89,20 +89,20 @@ class PushScript:
         ]
         values, steps, times = samples.values, samples.num_updates, samples.timestamps
         count = len(values)
-        if count < _MANY:
-            for index, value in enumerate(values):
-                num_updates = steps[index] if steps else None
-                timestamp = times[index] if times else None
-                args.append(number(value))
-                args.append("" if num_updates is None else str(num_updates))
-                args.append("" if timestamp is None else number(timestamp))
+        texts = numbers(values) if count >= _MANY else [number(value) for value in values]
+        if (steps is None or steps.count(None) == count) and (
+            times is None or times.count(None) == count
+        ):
+            # The values alone (push.lua's width 1): most pushes, batches of plain numbers.
+            args.append("1")
+            args += texts
         else:
-            # By column: a batch's values formatted at once, its empty columns left as they are.
+            args.append("3")
             columns = [""] * (3 * count)
-            columns[0::3] = numbers(values)
-            if steps is not None and steps.count(None) != count:
+            columns[0::3] = texts
+            if steps is not None:
                 columns[1::3] = ["" if n is None else str(n) for n in steps]
-            if times is not None and times.count(None) != count:
+            if times is not None:
                 columns[2::3] = ["" if t is None else number(t) for t in times]
             args += columns
         all_keys = [*keys, idempotency.key] if idempotency else list(keys)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def call_args(fields: dict[str, str], samples: list[tuple[float, int]]) -> list[str]:
-    args = ["1", encode_fields(fields), "", "0", "", "60"]
+    args = ["1", encode_fields(fields), "", "0", "", "60", "3"]
     for value, step in samples:
         args += [number(value), str(step), ""]
     return args

@@ -17,8 +17,9 @@ from tests.utils import snapshot
 
 KEY = "test:{s}"
 HISTORY = "test:{s}:history"
-# create with decay 0.5; no idempotency record; no channel; timestamps up to an hour ahead
-CREATE = ["1", "d=0.5;n=0;b=0;p=1;a=0;h=0", "", "0", "", "3600"]
+# create with decay 0.5; no idempotency record; no channel; timestamps up to an hour ahead;
+# samples as triples (value, num_updates, timestamp)
+CREATE = ["1", "d=0.5;n=0;b=0;p=1;a=0;h=0", "", "0", "", "3600", "3"]
 
 
 def run(client: "redis.Redis", *args: str) -> dict[str, str | float]:
@@ -67,10 +68,41 @@ def test_script_refuses_to_create_when_told_not_to(redis_client: "redis.Redis") 
     assert redis_client.keys("*") == []
 
 
-def test_script_needs_pairs(redis_client: "redis.Redis") -> None:
-    for args in (CREATE, [*CREATE, "1.0"], [*CREATE, "1.0", ""]):
+def test_script_needs_whole_samples_of_a_known_width(redis_client: "redis.Redis") -> None:
+    values_alone = [*CREATE[:-1], "1"]
+    for args in (
+        CREATE,
+        [*CREATE, "1.0"],
+        [*CREATE, "1.0", ""],
+        [*CREATE, "1.0", "", "", "2.0"],
+        values_alone,
+        CREATE[:-1],
+        *([*CREATE[:-1], width, "1.0", "", ""] for width in ("2", "0", "", "x", "3.5")),
+    ):
         with pytest.raises(redis.ResponseError, match="EMA_INVALID"):
             run(redis_client, *args)
+    assert redis_client.keys("*") == []
+
+
+def test_values_alone_apply_as_triples_without_num_updates_or_timestamps(
+    redis_client: "redis.Redis",
+) -> None:
+    values = ["1.5", "-2", "1e-300", "7"]
+    alone = run(redis_client, *CREATE[:-1], "1", *values)
+    redis_client.delete(KEY, HISTORY)
+    triples = run(redis_client, *CREATE, *(part for value in values for part in (value, "", "")))
+    for fields in (alone, triples):
+        del fields["t"], fields["E"], fields["s"]  # the server's clock at each push, packed too
+    assert alone == triples
+    assert alone["n"] == "4"
+
+
+def test_a_bad_value_alone_is_named_by_its_index(redis_client: "redis.Redis") -> None:
+    with pytest.raises(redis.ResponseError, match=r"EMA_INVALID values\[2\]: not a finite number"):
+        run(redis_client, *CREATE[:-1], "1", "1.0", "2.0", "nan", "4.0")
+    with pytest.raises(redis.ResponseError, match=r"EMA_INVALID values\[1\]: not a finite number"):
+        run(redis_client, *CREATE, "1.0", "", "", "nan", "", "")
+    assert redis_client.keys("*") == []
 
 
 def stored_state(client: "redis.Redis") -> bytes:

@@ -9,7 +9,9 @@
 -- ARGV[4]  seconds to keep the idempotency record
 -- ARGV[5]  the Pub/Sub channel to announce the update on, '' for none
 -- ARGV[6]  how far in the future (seconds, by Redis server time) a timestamp may be
--- ARGV[7..] triples (value, num_updates, timestamp); '' where the sample has none
+-- ARGV[7]  the samples' width: '1' values alone, '3' (value, num_updates, timestamp), '' where
+--          a sample has none (a batch of plain numbers crosses as a third of the arguments)
+-- ARGV[8..] the samples
 --
 -- Numbers cross as decimal strings that round-trip float64 exactly (a Lua number returned to
 -- Redis is truncated to an integer, and tostring keeps only 14 digits), or packed as float64s.
@@ -193,6 +195,8 @@ local function decimal(s)
   return x
 end
 
+local width = tonumber(ARGV[7])
+
 -- The error about the sample at ARGV[j], named as in the request (values[i]); `why` may hold
 -- a %s per number that follows, shown exactly (the shortest decimal that reads back the same).
 local function refuse(code, j, why, ...)
@@ -210,7 +214,7 @@ local function refuse(code, j, why, ...)
   for i = 1, #numbers do
     numbers[i] = exact(numbers[i])
   end
-  return redis.error_reply(code .. ' values[' .. (j - 7) / 3 .. ']: ' ..
+  return redis.error_reply(code .. ' values[' .. (j - 8) / width .. ']: ' ..
     string.format(why, unpack(numbers)))
 end
 
@@ -417,16 +421,20 @@ local function packed(config, r, state, now, last, format)
   return struct.pack(format, unpack(r, 1, k))
 end
 
--- ARGV[j..j+2] as (value, num_updates or nil, time), or nil and the error. `auto`: a sample
--- without num_updates uses the count; `reject_late`: one older than the epoch is refused.
+-- The sample at ARGV[j] as (value, num_updates or nil, time), or nil and the error. `auto`: a
+-- sample without num_updates uses the count; `reject_late`: one older than the epoch is refused.
 local function parse_sample(j, auto, reject_late, count, state, now)
   local x = decimal(ARGV[j])
   if x == nil then
     return nil, refuse('EMA_INVALID', j, 'not a finite number')
   end
+  local steps_text, at_text = '', ''
+  if width == 3 then
+    steps_text, at_text = ARGV[j + 1], ARGV[j + 2]
+  end
   local steps
-  if ARGV[j + 1] ~= '' then
-    steps = decimal(ARGV[j + 1])
+  if steps_text ~= '' then
+    steps = decimal(steps_text)
     if steps == nil or steps < 0 or steps > 1e15 or steps ~= math.floor(steps) then
       return nil, refuse('EMA_INVALID', j, 'num_updates must be an integer in [0, 1e15]')
     end
@@ -434,8 +442,8 @@ local function parse_sample(j, auto, reject_late, count, state, now)
     steps = count
   end
   local at = now
-  if ARGV[j + 2] ~= '' then
-    at = decimal(ARGV[j + 2])
+  if at_text ~= '' then
+    at = decimal(at_text)
     -- ARGV[6] parsed once, when a sample first has a timestamp (most pushes have none)
     local latest_allowed = state.latest_allowed or now + tonumber(ARGV[6])
     state.latest_allowed = latest_allowed
@@ -747,8 +755,8 @@ if idempotency_key then
   end
 end
 
-if #ARGV < 9 or (#ARGV - 6) % 3 ~= 0 then
-  return redis.error_reply('EMA_INVALID expected one or more (value, num_updates, timestamp)')
+if (width ~= 1 and width ~= 3) or #ARGV < 7 + width or (#ARGV - 7) % width ~= 0 then
+  return redis.error_reply('EMA_INVALID expected a width, 1 or 3, and one or more samples of it')
 end
 
 local stored = redis.call('HGETALL', key)
@@ -790,8 +798,8 @@ local entries = history > 0 and {}  -- per sample, with a history: its entry, pa
 local time = redis.call('TIME')
 local now = time[1] + time[2] / 1e6  -- (two integers, as strings: arithmetic reads them)
 
-local final = #ARGV - 2  -- the last sample's index in ARGV
-for j = 7, final, 3 do
+local final = #ARGV - width + 1  -- the last sample's index in ARGV
+for j = 8, final, width do
   local x, steps, at = parse_sample(j, auto, reject_late, count, state, now)
   if x == nil then
     return steps
