@@ -2,9 +2,9 @@
 the update, HSET, one formatted reply), as Redis CPU per call from `INFO commandstats`, in one
 run against one private redis-server; then bytes per stream at many fixed-decay streams.
 
-    .venv/bin/python -m bench.script_cost              # about 2 minutes, with the memory figure
-    .venv/bin/python -m bench.script_cost --streams 0  # CPU only, about a minute
-    .venv/bin/python -m bench.script_cost --callgrind  # instructions instead, about a minute
+    .venv/bin/python bench/script_cost.py            # about 2 minutes, with the memory figure
+    .venv/bin/python bench/script_cost.py --streams 0  # CPU only, about a minute
+    .venv/bin/python bench/script_cost.py --callgrind  # instructions instead, about a minute
 
 Every figure is EVALSHA's `usec_per_call` (Redis' own clock, the script and the commands it calls)
 over `--calls` calls sent in pipelines, after `CONFIG RESETSTAT`. Workloads alternate in
