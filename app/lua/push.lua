@@ -9,8 +9,8 @@
 -- ARGV[4]  seconds to keep the idempotency record
 -- ARGV[5]  the Pub/Sub channel to announce the update on, '' for none
 -- ARGV[6]  how far in the future (seconds, by Redis server time) a timestamp may be
--- ARGV[7]  the samples' width: '1' values alone, '3' (value, num_updates, timestamp), '' where
---          a sample has none (a batch of plain numbers crosses as a third of the arguments)
+-- ARGV[7]  the samples' width: '1' values alone; '3' triples (value, num_updates, timestamp),
+--          '' for what a sample lacks (values alone: a third of the arguments to send and read)
 -- ARGV[8..] the samples
 --
 -- Numbers cross as decimal strings that round-trip float64 exactly (a Lua number returned to
@@ -195,6 +195,7 @@ local function decimal(s)
   return x
 end
 
+-- Checked with the arguments' count below; here for `refuse`, which names a sample by index.
 local width = tonumber(ARGV[7])
 
 -- The error about the sample at ARGV[j], named as in the request (values[i]); `why` may hold
