@@ -88,8 +88,9 @@ def _watch(port: int, action: Callable[[], object], timeout: float) -> list[list
 @dataclass(frozen=True)
 class PushCall:
     """The service's EVALSHA for a push: everything up to the first value (`head`), and the
-    arguments that follow each value of a sample that carries nothing else (`per_value`, e.g.
-    an empty num_updates)."""
+    arguments that follow each value of a sample that carries nothing else (`per_value`: none
+    where push.lua takes the values alone, an empty num_updates and timestamp where it takes
+    triples)."""
 
     head: Template
     per_value: tuple[str, ...]

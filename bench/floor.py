@@ -7,8 +7,9 @@ read (HGETALL, or HMGET in older versions).
 It makes exactly the Redis calls the service makes: bench/run.py watches the service with
 MONITOR and passes them here as templates (JSON argv lists, for the stream named BENCH_NAME):
   BENCH_PUSH       `EVALSHA sha numkeys KEYS... ARGV...` up to the first value
-  BENCH_PER_VALUE  what follows each value that carries nothing else (e.g. [""], no
-                   num_updates); the floor appends (value, *BENCH_PER_VALUE) per value
+  BENCH_PER_VALUE  what follows each value that carries nothing else ([] where the service
+                   sends values alone, ["", ""] where it sends triples); the floor appends
+                   (value, *BENCH_PER_VALUE) per value
   BENCH_READ       the read: `HGETALL key` (the reply is the hash), or `HMGET key field...` (the
                    reply is keyed by those fields)
 The bodies are {"value": x} or {"values": [x, ...]} of numbers; validation is only what building
