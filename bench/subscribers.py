@@ -45,7 +45,7 @@ _READY_TIMEOUT = 30.0
 _QUIET = 0.5
 _DRAIN_LIMIT = 15.0
 # After the subscribers' process ends: the service closes their event streams meanwhile.
-SETTLE = 1.0
+_SETTLE = 1.0
 
 
 # --- the subscriber process -------------------------------------------------------------------
@@ -310,7 +310,7 @@ def measure(
         finally:
             subscribers.kill()
         # The service lets go of the closed event streams before anything else is measured.
-        time.sleep(SETTLE)
+        time.sleep(_SETTLE)
 
     for round_ in range(1, rounds + 1):
         progress(f"pushes with {count} subscribers: round {round_} of {rounds}")
