@@ -1,13 +1,15 @@
 """The service at another commit against this checkout's, by CPU per request, in one run.
 
     .venv/bin/python bench/ab.py REF [--rounds N] [--duration SECONDS] [--batch N] [--subscribers N]
+        [--workers N]
 
 Checks REF out in a temporary git worktree, serves both (`python -m app` from each folder, one
-uvicorn worker each, with a metrics folder as several workers have) on one private redis-server
-(each under its own key prefix), and pushes one value and GETs, wrk -c32, in alternated rounds
-(every other round in reverse order). Prints each side's CPU per request (its process's user +
-system time over its rounds ÷ the requests wrk counted) and median throughput, and the ratio
-before ÷ after by CPU: on a shared machine, the figure that noise changes least.
+uvicorn worker each unless `--workers` says, with a metrics folder as several workers have) on
+one private redis-server (each under its own key prefix), and pushes one value and GETs, wrk
+-c32, in alternated rounds (every other round in reverse order). Prints each side's CPU per
+request (its process's user + system time over its rounds ÷ the requests wrk counted) and
+median throughput, and the ratio before ÷ after by CPU: on a shared machine, the figure that
+noise changes least.
 
 With `--batch N`, a workload pushes batches of N values (bench/run.py's), and its CPU is per
 batch. With `--subscribers N`, a workload pushes one value with N event streams open on each
@@ -44,6 +46,7 @@ def main() -> int:
         "--subscribers", type=int, default=0, help="also push with N event streams open"
     )
     parser.add_argument("--batch", type=int, default=0, help="also push batches of N values")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per side (1)")
     args = parser.parse_args()
     workloads = list(WORKLOADS)
     if args.batch:
@@ -74,7 +77,13 @@ def main() -> int:
             metrics.mkdir()
             env = {"EMA_KEY_PREFIX": f"{label}:", "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
             servers[label] = start_service(
-                redis, work, name=label, log=f"{label}.log", workers=1, env=env, checkout=checkout
+                redis,
+                work,
+                name=label,
+                log=f"{label}.log",
+                workers=args.workers,
+                env=env,
+                checkout=checkout,
             )
         for server in servers.values():
             server.wait_ready()
@@ -131,7 +140,7 @@ def main() -> int:
         columns = ["workload", "CPU µs/req before", "after", "÷ by CPU", "req/s before", "after"]
         head = (
             f"before: {args.ref}; after: this checkout; {args.rounds} alternated rounds of "
-            f"{args.duration}s, wrk -c32\n{load_line()}"
+            f"{args.duration}s, wrk -c32, {args.workers} uvicorn worker(s) per side\n{load_line()}"
         )
         table = markdown_table(columns, rows, "lrrrrr")
         if args.subscribers:
