@@ -154,6 +154,11 @@ def _numbers(fields: Mapping[str, str | bytes], layout: _Layout) -> dict[str, fl
         if chunk is None:
             break
         data += _bytes(chunk)
+    return _unpacked(data, layout)
+
+
+def _unpacked(data: bytes, layout: _Layout) -> dict[str, float]:
+    """The packed state's numbers by field name."""
     numbers = dict(zip(layout.packed, _doubles(len(data) // 8)(data), strict=False))
     # left out when they equal their default (and every one after them does)
     numbers.setdefault("u", 1.0 if layout.decay is None else layout.decay)
@@ -274,8 +279,13 @@ def _state(
 ) -> tuple[dict[str, Any], _Layout]:
     """state_data without its last field, `config`, and the layout that gives it."""
     layout = _layout_of(fields)
-    numbers = _numbers(fields, layout)
-    count = int(fields["n"])
+    return _state_of(name, layout, _numbers(fields, layout), int(fields["n"]), now), layout
+
+
+def _state_of(
+    name: str, layout: _Layout, numbers: Mapping[str, float], count: int, now: float | None
+) -> dict[str, Any]:
+    """_state, from the stream's layout, numbers and count."""
     rate = layout.rate
     updated_at = numbers.get("t")
     at = now if now is not None else updated_at or 0.0
@@ -317,7 +327,7 @@ def _state(
         "timestamp": numbers.get("E"),
         "windows": windows,
     }
-    return data, layout
+    return data
 
 
 def state_from_fields(
@@ -344,6 +354,32 @@ def state_json(name: str, fields: Mapping[str, str], now: float | None = None) -
     field, is spliced in as serialised once per configuration (_Layout.config_json): for three
     windows, serialising it again made up a third of the serialiser's time."""
     data, layout = _state(name, fields, now)
+    return _json(data, layout)
+
+
+def reply_json(name: str, text: str) -> tuple[int, bytes]:
+    """The count and state_json of the state in a push's reply text or an announcement, read
+    straight from the text (see push.lua's header): the configuration fields come first, and
+    as one string they name the layout (_reply_layout); then the count, then the packed state.
+    Text without a packed state (a new stream's fields, which a reset announces) is read as
+    fields."""
+    head, packed_state, packed = text.partition(";s=")
+    if not packed_state:
+        fields = decode_fields(text)
+        return int(fields["n"]), state_json(name, fields)
+    config, _, count_text = head.rpartition("n=")
+    layout = _reply_layout(config)
+    count = int(count_text)
+    numbers = _unpacked(packed.encode("utf-8", "surrogateescape"), layout)
+    return count, _json(_state_of(name, layout, numbers, count, None), layout)
+
+
+@lru_cache(maxsize=1024)
+def _reply_layout(config: str) -> _Layout:
+    return _layout_of(decode_fields(config))
+
+
+def _json(data: dict[str, Any], layout: _Layout) -> bytes:
     return b'%s,"config":%s}' % (to_json(data, inf_nan_mode="null")[:-1], layout.config_json)
 
 

@@ -28,7 +28,7 @@ from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 
-from app.codec import RecentReplies, decode_fields, state_json
+from app.codec import RecentReplies, reply_json
 from app.keys import KeyLayout
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,7 @@ class Update:
             return
         self.text = None
         rendered = replies.take(self.name, text) if replies is not None else None
-        if rendered is None:
-            fields = decode_fields(text)
-            rendered = int(fields["n"]), state_json(self.name, fields)
-        self.count, self.data = rendered
+        self.count, self.data = rendered or reply_json(self.name, text)
 
     @property
     def event(self) -> bytes:

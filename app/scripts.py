@@ -144,9 +144,15 @@ _REPLAYED = "replayed\n"
 def push_reply(reply: object) -> tuple[dict[str, str], bool]:
     """The stream's hash fields from a push's reply (see push.lua's header), and whether it was
     an idempotent replay."""
+    text, replayed = push_reply_text(reply)
+    return decode_fields(text), replayed
+
+
+def push_reply_text(reply: object) -> tuple[str, bool]:
+    """A push's reply without the mark of an idempotent replay, and whether it was one."""
     text = cast(str, reply)
     replayed = is_replay(text)
-    return decode_fields(text.removeprefix(_REPLAYED)), replayed
+    return text.removeprefix(_REPLAYED), replayed
 
 
 def is_replay(reply: str) -> bool:

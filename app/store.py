@@ -30,14 +30,14 @@ from app.codec import (
     encode_fields,
     history_entry,
     number,
+    reply_json,
     state_from_fields,
-    state_json,
 )
 from app.errors import InvalidInput, LateSample, ServiceError, StoreUnavailable, StreamNotFound
 from app.keys import NAME_PATTERN, KeyLayout
 from app.models import HistoryPage, Samples, StreamConfig, StreamPage, StreamState
 from app.pipelining import AutoPipeline, CommandSender
-from app.scripts import Idempotency, PushScript, is_replay, push_reply
+from app.scripts import Idempotency, PushScript, is_replay, push_reply, push_reply_text
 from app.settings import Settings
 
 # Replies that mean "Redis cannot serve this right now": worth a 503 and a retry, never a 500.
@@ -296,10 +296,10 @@ class StreamStore:
         Kept in `replies` for the event hub, which would otherwise render it again from the
         push's announcement."""
         reply = await self._push(name, samples, idempotency_key)
-        fields, replayed = push_reply(reply)
-        json = state_json(name, fields)
+        text, replayed = push_reply_text(reply)
+        count, json = reply_json(name, text)
         if not replayed:  # a replay announces nothing
-            self.replies.keep(name, reply, int(fields["n"]), json)
+            self.replies.keep(name, reply, count, json)
         return json, replayed
 
     async def _push(self, name: str, samples: Samples, idempotency_key: str | None) -> str:

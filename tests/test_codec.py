@@ -1,8 +1,11 @@
 """The hot paths' JSON (codec.state_json, built without the models) is the models' JSON."""
 
 import struct
+from collections.abc import Iterator
 
-from hypothesis import assume, given
+import pytest
+import redis
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -10,10 +13,15 @@ from app import codec
 from app.codec import (
     RecentReplies,
     config_fields,
+    decode_fields,
+    encode_fields,
+    reply_json,
     state_from_fields,
     state_json,
 )
 from app.models import StreamConfig
+from app.scripts import load_source
+from tests.redis_server import RedisServer
 
 numbers = st.floats(allow_nan=False, width=64)  # infinities too: an overflowed sum
 positive = st.floats(min_value=1e-3, max_value=1e6)
@@ -81,6 +89,40 @@ def test_state_json_is_the_models_json(
     except (OverflowError, ZeroDivisionError):  # sums no push leaves
         return
     assert state_json("s", fields, now) == expected
+
+
+@pytest.fixture(scope="module")
+def raw(redis_server: RedisServer) -> Iterator["redis.Redis"]:
+    with redis_server.client() as client:
+        yield client
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    configs(),
+    st.lists(st.floats(min_value=-1e6, max_value=1e6), min_size=1, max_size=3),
+    st.sampled_from(["s", "a:b/c", "é"]),
+)
+def test_a_push_reply_reads_as_the_state_of_its_fields(
+    raw: "redis.Redis", config: StreamConfig, values: list[float], name: str
+) -> None:
+    """reply_json, which reads a push's reply (and announcement) straight from its text, says
+    what state_json says of the same text's fields: for every configuration push.lua writes,
+    windows and all."""
+    keys = ("codec:{s}", "codec:{s}:history")
+    raw.delete(*keys)
+    create = encode_fields(config_fields(config))
+    try:
+        reply = raw.eval(
+            load_source("push"), 2, *keys, "1", create, "", "0", "", "3600", "1", *map(repr, values)
+        )
+    except redis.ResponseError:  # refused (a rate's negative value, ...): no state to read
+        assume(False)
+    fields = decode_fields(reply)
+    assert reply_json(name, reply) == (int(fields["n"]), state_json(name, fields))
+    assert fields["n"] == str(len(values))
+    # What a reset announces: the stream's fields before any value.
+    assert reply_json(name, create) == (0, state_json(name, decode_fields(create)))
 
 
 def test_a_variance_rounded_below_zero_has_no_deviation() -> None:
