@@ -22,10 +22,10 @@ import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from redis.asyncio import ConnectionPool, Redis, RedisCluster
-from redis.asyncio.client import PubSub
+import hiredis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
 from app.codec import RecentReplies, reply_json
@@ -46,8 +46,9 @@ class Update:
     event's id) and as a prefix's get it (without).
 
     One heard from Pub/Sub is rendered when its batch is handed out (`render`), not as it
-    arrives: by then the push's reply has most often been rendered, if this process served the
-    push, and its JSON is taken from RecentReplies instead."""
+    arrives: by then the push's reply has been rendered, if this process served the push, and
+    its JSON is taken from RecentReplies instead (unless the batch went at once, the first
+    update after a quiet spell, and was heard before its reply came)."""
 
     __slots__ = ("_event", "_event_with_id", "count", "data", "name", "text")
 
@@ -281,21 +282,20 @@ class EventHub:
 
     def __init__(
         self,
-        client: "PubSubSource",
+        source: "PubSubSource",
         layout: KeyLayout,
         *,
         queue_size: int,
         max_subscriptions: int,
         replies: RecentReplies | None = None,
     ) -> None:
-        self._client = client
+        self._source = source
         self._replies = replies
         self._layout = layout
         self._queue_size = queue_size
         self._max_subscriptions = max_subscriptions
         self._topics: dict[str, _Topic] = {}
         self._confirmed: set[str] = set()
-        self._pubsub: PubSub | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -378,74 +378,57 @@ class EventHub:
 
     async def _run(self) -> None:
         while not self._closing:
-            pubsub = self._client.pubsub()
             self._confirmed.clear()
             try:
-                await self._serve(pubsub)
+                await self._serve()
             except Exception as error:  # the hub must outlive any failure: retry after a pause
-                if isinstance(error, ExceptionGroup):  # the reader's, from its task group
-                    error = error.exceptions[0]
                 log.warning("event hub lost Redis (%r); reconnecting", error)
                 for topic in self._topics.values():
                     topic.flush()  # what arrived before the loss, then the news of it
                     for subscription in topic.subscriptions:
                         subscription.offer(Lagged(None))
                 await asyncio.sleep(_RECONNECT_DELAY)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def _serve(self, pubsub: PubSub) -> None:
+    async def _serve(self) -> None:
         """Keep one connection subscribed to the topics wanted, and hear them on it: this task
-        alone sends on the connection (the subscribers just record what they want), its reader
-        alone reads. The connection is made once a topic is wanted."""
-        subscribed: set[str] = set()
-        self._changed.set()
-        while not subscribed:
-            await self._sync(pubsub, subscribed)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._listen(pubsub), name="event-hub-reader")
+        alone sends on the connection (the subscribers just record what they want), and what
+        it receives goes to the hub as it arrives (_Hearing). The connection is made once a
+        topic is wanted."""
+        while not self._topics:
+            await self._changed.wait()
+            self._changed.clear()
+        connection = self._source.connection()
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]
+            hearing = _Hearing(self, connection)
+            subscribed: set[str] = set()
             while True:
-                await self._sync(pubsub, subscribed)
+                self._sync(hearing, subscribed)
+                await self._changed.wait()
+                self._changed.clear()
+                hearing.check()
+        finally:
+            await connection.disconnect(nowait=True)
 
-    async def _sync(self, pubsub: PubSub, subscribed: set[str]) -> None:
-        await self._changed.wait()
-        self._changed.clear()
+    def _sync(self, hearing: "_Hearing", subscribed: set[str]) -> None:
         wanted = set(self._topics)
         for topic in wanted - subscribed:
-            if topic.endswith("*}:events"):
-                await pubsub.psubscribe(topic)
-            else:
-                await pubsub.subscribe(topic)
+            hearing.send("PSUBSCRIBE" if topic.endswith("*}:events") else "SUBSCRIBE", topic)
         for topic in subscribed - wanted:
             self._confirmed.discard(topic)
-            if topic.endswith("*}:events"):
-                await pubsub.punsubscribe(topic)
-            else:
-                await pubsub.unsubscribe(topic)
+            hearing.send("PUNSUBSCRIBE" if topic.endswith("*}:events") else "UNSUBSCRIBE", topic)
         subscribed.clear()
         subscribed.update(wanted)
 
-    async def _listen(self, pubsub: PubSub) -> None:
-        """Read the connection: the announcements straight from it, with no deadline (a
-        read under a deadline, and the client's bookkeeping of each message, cost twice the
-        read itself); the client's own handling for the rest (subscription replies)."""
-        connection = pubsub.connection
-        assert connection is not None  # connected by the first subscription
-        while True:
-            # push_request: the client returns Pub/Sub replies rather than consume them itself.
-            reply = await connection.read_response(
-                timeout=math.inf, disconnect_on_error=False, push_request=True
-            )
-            kind = reply[0]
-            if kind == "message":
-                self._dispatch(reply[1], reply[1], reply[2])
-            elif kind == "pmessage":
-                self._dispatch(reply[1], reply[2], reply[3])
-            else:
-                message = await pubsub.handle_message(reply)
-                if message is not None and message["type"] in ("subscribe", "psubscribe"):
-                    self._confirm(str(message["channel"]))
+    def _hear(self, reply: list[str]) -> None:
+        """One reply on the Pub/Sub connection: an announcement, or a subscription's news."""
+        kind = reply[0]
+        if kind == "message":
+            self._dispatch(reply[1], reply[1], reply[2])
+        elif kind == "pmessage":
+            self._dispatch(reply[1], reply[2], reply[3])
+        elif kind in ("subscribe", "psubscribe"):
+            self._confirm(reply[1])
 
     def _confirm(self, topic_name: str) -> None:
         self._confirmed.add(topic_name)
@@ -468,32 +451,78 @@ class EventHub:
         topic.add(update)
 
 
+class _Hearing(asyncio.Protocol):
+    """What the hub's Pub/Sub connection receives, once redis-py has made it (connected,
+    authenticated, over RESP2): parsed (hiredis) and handed to the hub in the very callback
+    that receives the bytes. Through redis-py's reader, each time bytes arrived a stream reader
+    woke a future, a task and four coroutines before the first message was read: with pushes
+    arriving one by one, that cost more than the messages themselves."""
+
+    def __init__(self, hub: EventHub, connection: AbstractConnection) -> None:
+        # The connection's transport is public asyncio, its StreamWriter private to redis-py.
+        transport = connection._writer.transport  # type: ignore[union-attr]
+        self._hub = hub
+        self._reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
+        self._transport = transport
+        self._replaced = transport.get_protocol()  # told when the connection ends
+        self._error: Exception | None = None
+        transport.set_protocol(self)
+
+    def send(self, *command: str) -> None:
+        self._transport.write(hiredis.pack_command(cast(Any, command)))  # typed as a 1-tuple
+
+    def check(self) -> None:
+        """Raise what ended the connection, if it ended."""
+        if self._error is not None:
+            raise self._error
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        try:
+            while (reply := reader.gets()) is not False:
+                if isinstance(reply, Exception):  # an error reply: a subscription refused
+                    raise reply
+                self._hub._hear(reply)
+        except Exception as error:
+            self._end(error)
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc or ConnectionError("the Pub/Sub connection closed"))
+        self._replaced.connection_lost(exc)
+
+    def _end(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+            self._hub._changed.set()  # the hub's task wakes, and finds it ended
+
+
 class PubSubSource(Protocol):
-    """Where the hub gets a new Pub/Sub connection (at start and after each failure)."""
+    """Where the hub gets a new connection for Pub/Sub (at start and after each failure)."""
 
-    def pubsub(self) -> PubSub: ...
+    def connection(self) -> AbstractConnection: ...
 
 
-def _resp2_pubsub(connection_class: type[AbstractConnection], kwargs: dict[str, Any]) -> PubSub:
-    """A Pub/Sub connection made as `kwargs` say, over RESP2 whatever they say: over RESP3,
-    redis-py hands each message to its push-reply handlers, which format it for a debug log
-    line whether or not that level is on, 2.6 us a message against 1.1 for RESP2's arrays.
-    Without RESP3, no maintenance notifications (a Redis Enterprise feature): the hub
-    reconnects when a connection fails."""
+def _resp2_connection(
+    connection_class: type[AbstractConnection], kwargs: dict[str, Any]
+) -> AbstractConnection:
+    """A connection made as `kwargs` say, over RESP2 whatever they say: a message arrives as a
+    plain array rather than a push reply. Without RESP3, no maintenance notifications (a Redis
+    Enterprise feature): the hub reconnects when a connection fails."""
     resp2 = {k: v for k, v in kwargs.items() if not k.startswith("maint_notifications")}
     resp2["protocol"] = 2
-    pool = ConnectionPool(connection_class=connection_class, **resp2)
-    return Redis(connection_pool=pool).pubsub()
+    return connection_class(**resp2)
 
 
 class OneNode:
-    """Pub/Sub connections to the server of a client (see _resp2_pubsub)."""
+    """Pub/Sub connections to the server of a client (see _resp2_connection)."""
 
     def __init__(self, client: Redis) -> None:
         self._pool = client.connection_pool
 
-    def pubsub(self) -> PubSub:
-        return _resp2_pubsub(self._pool.connection_class, self._pool.connection_kwargs)
+    def connection(self) -> AbstractConnection:
+        return _resp2_connection(self._pool.connection_class, self._pool.connection_kwargs)
 
 
 class AnyClusterNode:
@@ -509,8 +538,8 @@ class AnyClusterNode:
         self._cluster = cluster
         self._turn = 0
 
-    def pubsub(self) -> PubSub:
+    def connection(self) -> AbstractConnection:
         nodes = sorted(self._cluster.get_nodes() or self._cluster.startup_nodes, key=str)
         node = nodes[self._turn % len(nodes)]
         self._turn += 1
-        return _resp2_pubsub(node.connection_class, node.connection_kwargs)
+        return _resp2_connection(node.connection_class, node.connection_kwargs)

@@ -6,6 +6,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from time import monotonic, sleep
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from redis import asyncio as aioredis
 from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
+from app import events
 from app.errors import StoreUnavailable
 from app.events import Batch, EventHub, Lagged, Subscription, Update
 from app.keys import KeyLayout
@@ -315,8 +317,11 @@ async def test_the_subscribers_of_a_stream_share_its_batches(
 
 @pytest.mark.anyio
 async def test_an_update_this_process_pushed_is_not_rendered_again(
-    redis_server: RedisServer, redis_client: "redis.Redis"
+    redis_server: RedisServer, redis_client: "redis.Redis", monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A batch waits this long after the one before: the replies are in by then. (The first
+    # update after a quiet spell goes at once, and may be heard before its reply arrives.)
+    monkeypatch.setattr(events, "WRITE_INTERVAL", 2.0)
     async with running(make_settings(redis_server.url)) as (app, _):
         hub: EventHub = app.state.hub
         store = app.state.store
@@ -324,17 +329,17 @@ async def test_an_update_this_process_pushed_is_not_rendered_again(
         assert len(store.replies) == 0  # nobody listens: nothing kept
         async with hub.subscribe(name="a") as subscription:
             await asyncio.wait_for(subscription.ready.wait(), 5)
-            replies = [(await store.push_state("a", Samples((v,))))[0] for v in (2.0, 3.0)]
+            replies = [(await store.push_state("a", Samples((v,))))[0] for v in (2.0, 3.0, 4.0)]
             updates: list[Update] = []
-            while len(updates) < 2:
+            while len(updates) < 3:
                 for item in await subscription.take(5):
                     assert isinstance(item, Batch)
                     updates += item.updates
-        assert len(store.replies) == 0  # taken by the hub
-    # The reply's very bytes: taken, not rendered again.
+        assert len(store.replies) == 0  # taken by the hub, or dropped with the last subscriber
     assert [u.data for u in updates] == replies
-    assert all(u.data is reply for u, reply in zip(updates, replies, strict=True))
-    assert [u.count for u in updates] == [2, 3]
+    assert [u.count for u in updates] == [2, 3, 4]
+    # The replies' very bytes, taken, not rendered again (the first went at once).
+    assert all(u.data is reply for u, reply in zip(updates[1:], replies[1:], strict=True))
 
 
 @pytest.mark.anyio
@@ -482,3 +487,67 @@ def test_a_subscriber_that_stops_reading_is_told_what_it_lost_and_pushes_go_on(
     assert missed  # told, with how many
     assert ids == sorted(set(ids))
     assert len(ids) + sum(missed) == pushes  # every update either arrived or was counted lost
+
+
+@pytest.mark.anyio
+async def test_the_hub_reconnects_when_its_connection_is_killed(
+    redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    async with running(make_settings(redis_server.url)) as (app, _):
+        store = app.state.store
+        async with app.state.hub.subscribe(name="a") as subscription:
+            await asyncio.wait_for(subscription.ready.wait(), 5)
+            await store.push_state("a", Samples((1.0,)))
+            assert [type(item) for item in await subscription.take(5)] == [Batch]
+            assert redis_client.client_kill_filter(_type="pubsub") == 1
+            # Told that updates may have been lost, then hearing them again once resubscribed.
+            assert await subscription.take(5) == [Lagged(None)]
+            await asyncio.to_thread(_wait_subscribed, redis_client)
+            await store.push_state("a", Samples((2.0,)))
+            (batch,) = await subscription.take(5)
+            assert isinstance(batch, Batch)
+            assert [update.count for update in batch.updates] == [2]
+
+
+@pytest.mark.anyio
+async def test_a_refused_subscription_is_retried_until_allowed(
+    redis_server: RedisServer, redis_client: "redis.Redis"
+) -> None:
+    # A user who may run commands but not subscribe (Redis 7 denies channels by default).
+    redis_client.acl_setuser(
+        "no-channels",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        commands=["+@all"],
+        reset_channels=True,
+    )
+    url = redis_server.url.replace("redis://", "redis://no-channels:pw@")
+    try:
+        async with (
+            running(make_settings(url)) as (app, _),
+            app.state.hub.subscribe(name="a") as subscription,
+        ):
+            # NOPERM: no confirmation, and the hub keeps trying.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(subscription.ready.wait(), 1.5)
+            redis_client.acl_setuser("no-channels", enabled=True, channels=["*"])
+            await asyncio.wait_for(subscription.ready.wait(), 5)
+            await app.state.store.push_state("a", Samples((1.0,)))
+            # Each refusal told the subscriber it may have missed updates.
+            items: list[Batch | Lagged | None] = []
+            while not items or not isinstance(items[-1], Batch):
+                items += await subscription.take(5)
+            assert items[:-1] == [Lagged(None)] * (len(items) - 1)
+            assert isinstance(items[-1], Batch)
+            assert [update.count for update in items[-1].updates] == [1]
+    finally:
+        redis_client.acl_deluser("no-channels")
+
+
+def _wait_subscribed(client: "redis.Redis", timeout: float = 5) -> None:
+    """Until a client is subscribed to a channel."""
+    deadline = monotonic() + timeout
+    while not any(c["sub"] == "1" for c in client.client_list()):
+        assert monotonic() < deadline, "nobody subscribed"
+        sleep(0.05)
