@@ -400,7 +400,7 @@ class EventHub:
         connection = self._source.connection()
         try:
             await connection.connect()  # type: ignore[no-untyped-call]
-            hearing = _Hearing(self, connection)
+            hearing = _Hearing(connection, self._hear, self._changed.set)
             subscribed: set[str] = set()
             while True:
                 self._sync(hearing, subscribed)
@@ -458,10 +458,16 @@ class _Hearing(asyncio.Protocol):
     woke a future, a task and four coroutines before the first message was read: with pushes
     arriving one by one, that cost more than the messages themselves."""
 
-    def __init__(self, hub: EventHub, connection: AbstractConnection) -> None:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        hear: Callable[[list[str]], None],
+        ended: Callable[[], None],
+    ) -> None:
         # The connection's transport is public asyncio, its StreamWriter private to redis-py.
         transport = connection._writer.transport  # type: ignore[union-attr]
-        self._hub = hub
+        self._hear = hear  # each reply
+        self._ended = ended  # once, when the connection ends: `check` raises why
         self._reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
         self._transport = transport
         self._replaced = transport.get_protocol()  # told when the connection ends
@@ -483,7 +489,7 @@ class _Hearing(asyncio.Protocol):
             while (reply := reader.gets()) is not False:
                 if isinstance(reply, Exception):  # an error reply: a subscription refused
                     raise reply
-                self._hub._hear(reply)
+                self._hear(reply)
         except Exception as error:
             self._end(error)
             self._transport.close()
@@ -495,7 +501,7 @@ class _Hearing(asyncio.Protocol):
     def _end(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
-            self._hub._changed.set()  # the hub's task wakes, and finds it ended
+            self._ended()
 
 
 class PubSubSource(Protocol):
