@@ -4,6 +4,7 @@ import asyncio
 import re
 import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from time import monotonic, sleep
@@ -21,7 +22,7 @@ from app.events import Batch, EventHub, Lagged, Subscription, Update
 from app.keys import KeyLayout
 from app.models import Samples, StreamConfig, StreamState
 from app.routes.events import _stream
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from tests.reference import ReferenceEma, exact_time_spread, z_score
 from tests.service import ServiceProcess
 from tests.utils import make_settings, running, subscribe
@@ -551,3 +552,37 @@ def _wait_subscribed(client: "redis.Redis", timeout: float = 5) -> None:
     while not any(c["sub"] == "1" for c in client.client_list()):
         assert monotonic() < deadline, "nobody subscribed"
         sleep(0.05)
+
+
+def test_the_hub_hears_over_tls(tmp_path: Path) -> None:
+    """The service on a Redis it reaches over TLS (a `rediss://` URL): pushes, and the hub,
+    whose protocol takes over the TLS connection redis-py made."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path / "redis",
+        *("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+        *("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"),
+    ).start()
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+        with (
+            ServiceProcess(tmp_path, REDIS_URL=url, EMA_WORKERS="1") as service,
+            subscribe(f"{service.url}/v1/streams/s/events") as events,
+            server.client() as plain,  # on the server's plain port, for a look
+        ):
+            pushed = httpx.post(f"{service.url}/v1/streams/s/values", json={"value": 2.5})
+            assert pushed.status_code == 200
+            assert events.next() == ("update", "1", pushed.json())
+            # The hub's connection is one of those on the TLS port.
+            subscribers = [c for c in plain.client_list() if c["sub"] == "1"]
+            assert [c["laddr"] for c in subscribers] == [f"127.0.0.1:{tls_port}"]
+    finally:
+        server.stop()
