@@ -291,7 +291,7 @@ class StreamStore:
         samples: Samples,
         idempotency_key: str | None = None,
     ) -> tuple[bytes, bool]:
-        """`push`, with the new state as its JSON (codec.state_json): what a push replies.
+        """`push`, with the new state as its JSON (codec.reply_json): what a push replies.
 
         Kept in `replies` for the event hub, which would otherwise render it again from the
         push's announcement."""
