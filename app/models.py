@@ -363,14 +363,20 @@ class Push(Model):
     def samples(self) -> Samples:
         if self.values is None:
             assert self.value is not None
-            return Samples((self.value,), (self.num_updates,), (self.timestamp,))
+            return Samples(
+                (self.value,),
+                None if self.num_updates is None else (self.num_updates,),
+                None if self.timestamp is None else (self.timestamp,),
+            )
         values = self.values
         if all(isinstance(item, float) for item in values):
             return Samples(cast(list[float], values))
+        steps = [None if isinstance(item, float) else item.num_updates for item in values]
+        times = [None if isinstance(item, float) else item.timestamp for item in values]
         return Samples(
             [item if isinstance(item, float) else item.value for item in values],
-            [None if isinstance(item, float) else item.num_updates for item in values],
-            [None if isinstance(item, float) else item.timestamp for item in values],
+            None if steps.count(None) == len(steps) else steps,
+            None if times.count(None) == len(times) else times,
         )
 
 

@@ -90,9 +90,7 @@ class PushScript:
         values, steps, times = samples.values, samples.num_updates, samples.timestamps
         count = len(values)
         texts = numbers(values) if count >= _MANY else [number(value) for value in values]
-        if (steps is None or steps.count(None) == count) and (
-            times is None or times.count(None) == count
-        ):
+        if steps is None and times is None:
             # The values alone (push.lua's width 1): most pushes, batches of plain numbers.
             args.append("1")
             args += texts

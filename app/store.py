@@ -279,9 +279,9 @@ class StreamStore:
         samples: Samples,
         idempotency_key: str | None = None,
     ) -> tuple[StreamState, bool]:
-        """Apply samples in order, atomically, creating the
-        stream if allowed. Returns the new state, and True when it is the stored result of an
-        earlier push with the same idempotency key (which was not applied again)."""
+        """Apply samples in order, atomically, creating the stream if allowed. Returns the new
+        state, and True when it is the stored result of an earlier push with the same
+        idempotency key (which was not applied again)."""
         fields, replayed = push_reply(await self._push(name, samples, idempotency_key))
         return state_from_fields(name, fields), replayed
 

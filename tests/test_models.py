@@ -51,6 +51,16 @@ def test_a_batch_of_plain_numbers_has_no_empty_columns_to_fill(parse: Any) -> No
     assert samples.timestamps is None
 
 
+@pytest.mark.parametrize("parse", [Push.model_validate_json, Push.from_json])
+@pytest.mark.parametrize(
+    "data", [{"value": 5}, {"values": [1.5, {"value": 2}]}, {"values": [{"value": 2}]}]
+)
+def test_a_column_no_sample_has_is_none(data: dict[str, Any], parse: Any) -> None:
+    samples = parse(json.dumps(data).encode()).samples()
+    assert samples.num_updates is None
+    assert samples.timestamps is None
+
+
 # JSON text, some of it wrong for a push: what the two readings must agree on.
 numbers = st.one_of(
     st.integers(-(10**20), 10**20).map(str),
